@@ -4,9 +4,11 @@ Two mechanisms, both leaving the user's model untouched except where the adapter
 
 * Prompt tokens (L2P, CLIP image prompt) through a forward hook on the embeddings module: while a
   prompted pass is active, the hook inserts the prompt tokens right after CLS, giving
-  `[CLS, prompts, patches]`. Prompt tokens get position information from the CLS position
-  embedding (the reference implementation gives them the CLS slot's embedding too), so no new
-  position parameters are learned and the patch positions are unchanged.
+  `[CLS, prompts, patches]`. In ViT, prompt tokens get position information from the CLS position
+  embedding (the L2P reference gives them the CLS slot's embedding too), so no new position
+  parameters are learned and the patch positions are unchanged. CLIP's image prompt gets no
+  position embedding (as the CLIP-PGP reference); it then passes through CLIP's `pre_layrnorm`
+  with every other token.
 * Prefixes (DualPrompt) through a registered attention implementation (`pgp_sdpa` / `pgp_eager`)
   that prepends per-sample key/value prefixes in head space. Prefixes travel as forward kwargs,
   which transformers passes unchanged down to the attention function. The same attention function
@@ -174,7 +176,9 @@ class VisionBackbone(nn.Module):
             state.token_recorder(output)
         if state.prompt_tokens is None:
             return output
-        prompts = state.prompt_tokens.to(output.dtype) + self.cls_position_embedding().to(output.dtype)
+        prompts = state.prompt_tokens.to(output.dtype)
+        if not self.is_clip:
+            prompts = prompts + self.cls_position_embedding().to(output.dtype)
         return torch.cat([output[:, :1], prompts, output[:, 1:]], dim=1)
 
     @contextlib.contextmanager

@@ -22,6 +22,8 @@ QUERY_SOURCES = ("frozen_cls",)
 TUNING_TYPES = ("prompt", "prefix")
 
 CONFIG_NAME = "config.json"
+# Keys PGPModel.save_pretrained adds to config.json next to the config fields (not config fields).
+ADAPTER_METADATA_KEYS = {"library_name", "pgp_peft_version", "backbone"}
 
 
 @dataclass
@@ -45,7 +47,11 @@ class PromptGradientProjectionConfig:
         head_type: `"prompt"` (mean of prompt-token outputs) or `"token"` (CLS output).
         pull_constraint_coeff: weight of the key-query similarity term subtracted from the loss.
         image_prompt_length, text_context_length: CLIP's image prompt and CoOp text context sizes.
-        class_names: readable class names (CLIP builds its text prompts from them).
+        num_tasks: length of the task sequence, if known (CLIP allocates one text context per task).
+        class_names: readable class names (CLIP builds its text prompts from them; `predict` returns them).
+        preprocessing: how images were prepared in training, reused by `predict`: `"reference"`
+            (resize, [0, 1], no normalisation, as the paper's code) or `"processor"` (the base
+            checkpoint's image processor).
 
     Projection
         use_pgp: apply Prompt Gradient Projection between tasks (False = the baseline method).
@@ -63,6 +69,7 @@ class PromptGradientProjectionConfig:
     revision: str | None = None
     inference_mode: bool = False
     num_classes: int | None = None
+    num_tasks: int | None = None
 
     # prompt pools
     pool_size: int = 10
@@ -86,6 +93,7 @@ class PromptGradientProjectionConfig:
     text_context_length: int = 16
     text_template: str = "{}."
     class_names: list[str] | None = None
+    preprocessing: str = "reference"
 
     # projection
     use_pgp: bool = True
@@ -156,6 +164,7 @@ class PromptGradientProjectionConfig:
             top_k=1,
             image_prompt_length=10,
             text_context_length=16,
+            prompt_init="normal",
             head_type="token",
             pull_constraint_coeff=0.0,
             prompt_threshold=0.97,
@@ -184,6 +193,8 @@ class PromptGradientProjectionConfig:
         for name in ("prompt_init", "key_init"):
             if getattr(self, name) not in PROMPT_INITS:
                 fail(name, f"unknown init {getattr(self, name)!r}; expected one of {list(PROMPT_INITS)}")
+        if self.preprocessing not in ("reference", "processor"):
+            fail("preprocessing", f"expected 'reference' or 'processor', got {self.preprocessing!r}")
         if self.query_source not in QUERY_SOURCES:
             fail("query_source", f"unknown query source {self.query_source!r}; expected one of {list(QUERY_SOURCES)}")
         for name in ("pool_size", "prompt_length", "top_k", "image_prompt_length", "text_context_length"):
@@ -192,18 +203,22 @@ class PromptGradientProjectionConfig:
                 fail(name, f"must be a positive integer, got {value!r}")
         for name in ("g_prompt_length", "e_prompt_length"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 fail(name, f"must be a non-negative integer (0 disables it), got {value!r}")
         if self.top_k > self.pool_size:
             fail("top_k", f"top_k={self.top_k} exceeds pool_size={self.pool_size}")
         for name in ("prompt_threshold", "key_threshold"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < float(value) <= 1.0:
                 fail(name, f"threshold must lie in (0, 1], got {value!r}")
-        if self.memory_samples is not None and (not isinstance(self.memory_samples, int) or self.memory_samples <= 0):
+        if self.memory_samples is not None and (
+            not isinstance(self.memory_samples, int) or isinstance(self.memory_samples, bool) or self.memory_samples <= 0
+        ):
             fail("memory_samples", f"must be a positive integer or None, got {self.memory_samples!r}")
-        if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes <= 0):
-            fail("num_classes", f"must be a positive integer, got {self.num_classes!r}")
+        for name in ("num_classes", "num_tasks"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                fail(name, f"must be a positive integer, got {value!r}")
         if self.pull_constraint_coeff < 0:
             fail("pull_constraint_coeff", f"must be >= 0, got {self.pull_constraint_coeff!r}")
         if self.method == "dualprompt" and self.tuning_type != "prefix":
@@ -231,11 +246,15 @@ class PromptGradientProjectionConfig:
     def from_dict(cls, values: dict[str, Any]) -> PromptGradientProjectionConfig:
         """Build from a dict; unknown keys raise a `ValueError` naming them (and the closest valid key)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known - {"library_name", "pgp_peft_version"})
+        unknown = sorted(set(values) - known - ADAPTER_METADATA_KEYS)
         if unknown:
             import difflib
 
-            hints = [f"{key!r} (did you mean {difflib.get_close_matches(key, known, n=1)}?)" for key in unknown]
+            def hint(key: str) -> str:
+                close = difflib.get_close_matches(key, known, n=1)
+                return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
+
+            hints = [hint(key) for key in unknown]
             raise ValueError(f"PromptGradientProjectionConfig: unknown field(s) {', '.join(hints)}")
         return cls(**{k: v for k, v in values.items() if k in known})
 

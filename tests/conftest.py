@@ -1,0 +1,47 @@
+"""Shared tiny-model fixtures: a 5-layer, 32-wide ViT on 16x16 images (16 patches), CPU, fixed seeds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformers import ViTConfig, ViTModel
+
+TINY_VIT = dict(
+    hidden_size=32,
+    num_hidden_layers=5,
+    num_attention_heads=4,
+    intermediate_size=64,
+    image_size=16,
+    patch_size=4,
+)
+
+
+@pytest.fixture
+def tiny_vit_config() -> ViTConfig:
+    """A fresh tiny `ViTConfig` (sdpa attention)."""
+    return ViTConfig(**TINY_VIT)
+
+
+@pytest.fixture
+def tiny_vit() -> Callable[..., ViTModel]:
+    """Factory: `tiny_vit(seed=0, attn="sdpa", **config_overrides)` -> a fresh random ViTModel in eval mode.
+
+    The same seed and overrides always give the same weights, so two calls build identical, independent
+    backbones (one to wrap, one to compare against).
+    """
+
+    def make(seed: int = 0, attn: str = "sdpa", **overrides) -> ViTModel:
+        config = ViTConfig(**{**TINY_VIT, **overrides}, attn_implementation=attn)
+        torch.manual_seed(seed)
+        return ViTModel(config, add_pooling_layer=False).eval()
+
+    return make
+
+
+@pytest.fixture
+def pixel_values() -> torch.Tensor:
+    """(4, 3, 16, 16) images in [0, 1] from a fixed generator."""
+    generator = torch.Generator().manual_seed(1234)
+    return torch.rand(4, 3, 16, 16, generator=generator)
