@@ -1,0 +1,326 @@
+"""CLIP-PGP: a shared image prompt in CLIP's vision tower + a CoOp text context per task.
+
+The model (ALGORITHM.md §2 CLIP row, §4 CLIP; the authors' `clip-pgp` code):
+
+* Image side. One prompt of `image_prompt_length` tokens, shared by all tasks, is inserted right after
+  CLS by `VisionBackbone`'s embeddings hook: `[CLS, prompt, patches]`. The hook runs on the output of
+  `CLIPVisionEmbeddings` (patches + CLS + position embeddings), i.e. *before* CLIP's `pre_layrnorm`.
+  That placement is deliberate: CLIP normalises every token entering its encoder with `pre_layrnorm`,
+  and its first layer was trained only on such normalised rows, so the prompt is normalised exactly
+  like the tokens it joins (a prompt inserted after the LayerNorm would enter the residual stream at a
+  scale no pretrained token has). It is also where the reference inserts its `instance_tokens`
+  (before `ln_pre`). The image feature is `visual_projection(post_layernorm(CLS))` of the prompted pass.
+* Text side. A CoOp context of `text_context_length` vectors per task, N(0, 0.02²) initialised. Class c
+  is described by `[SOS, context of the task that introduced c, tokens of text_template.format(name),
+  EOS, pad]` (CoOp's "X X ... X {name}." with the X's replaced by learned vectors) and encoded by CLIP's
+  frozen text transformer (causal mask, pooled at EOS, `text_projection`).
+* Logits = exp(logit_scale) · cos(image feature, class text feature), then the usual class mask.
+* PGP protects the image prompt (space `"image_prompt"`) with the basis of the vision embeddings the
+  prompt meets (`clip_memory_rows`, the reference's `act['rep']`); the text contexts are not projected.
+
+Contexts are stored one `nn.Parameter` per task (`text_contexts.{t}`, shape (L_ctx, H_text)) rather
+than one (T, L_ctx, H_text) tensor: `begin_task(t)` makes only context t trainable, so an optimizer
+with weight decay (the recipe's SGD uses 5e-4 / 2e-4) cannot shrink the contexts of finished tasks.
+`text_context` gives the stacked (T, L_ctx, H_text) view.
+
+How many contexts: `config.num_tasks` if the config has that field, else `num_classes` (every task
+introduces at least one class, so there are never more tasks than classes; unused contexts cost
+L_ctx·H_text floats each).
+
+Tokenizer: only needed at construction, to tokenize the class prompts once. Pass `tokenizer=` to the
+constructor or to `CLIPPGPModel.from_pretrained`; otherwise it is loaded with `AutoTokenizer` from
+`config.base_model_name_or_path` @ `revision` (the CLIP checkpoint's own tokenizer), with an error
+that says how to pass one when that fails (e.g. offline).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import CLIPModel
+from transformers.masking_utils import create_causal_mask
+
+from .config import PromptGradientProjectionConfig
+from .model import PGPModel
+
+__all__ = ["CLIPPGPModel", "load_clip_tokenizer"]
+
+# The tokenizer handed to `CLIPPGPModel.from_pretrained`, seen by the constructor that the inherited
+# `PGPModel.from_pretrained` calls as `cls(config, base_model=..., attn_implementation=...)`.
+_PENDING_TOKENIZER: contextvars.ContextVar[Any] = contextvars.ContextVar("pgp_clip_tokenizer", default=None)
+
+CONTEXT_INIT_STD = 0.02  # CoOp
+
+
+def _tokenizer_help(name: str | None) -> str:
+    where = f"from {name!r}" if name else "(no base_model_name_or_path is set)"
+    return (
+        f"CLIPPGPModel needs the CLIP tokenizer to build its class prompts and could not load it {where}. "
+        "Pass one explicitly: CLIPPGPModel(config, base_model=clip, tokenizer=CLIPTokenizer.from_pretrained("
+        "local_dir)) or CLIPPGPModel.from_pretrained(adapter, base_model=clip, tokenizer=...). A local copy of a "
+        "CLIP checkpoint (e.g. openai/clip-vit-base-patch16) holds the tokenizer files (tokenizer.json, or "
+        "vocab.json + merges.txt)."
+    )
+
+
+def load_clip_tokenizer(name_or_path: str | None, revision: str | None = None):
+    """The tokenizer of the CLIP checkpoint `name_or_path` (AutoTokenizer), or a clear error.
+
+    AutoTokenizer is used rather than `CLIPTokenizer.from_pretrained`, which silently builds a 2-token
+    vocabulary from a directory without tokenizer files.
+    """
+    if not name_or_path:
+        raise ValueError(_tokenizer_help(None))
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except Exception as error:  # OSError (missing files / offline), ValueError (no backend), ...
+        raise OSError(f"{_tokenizer_help(name_or_path)}\nUnderlying error: {error}") from error
+
+
+class CLIPPGPModel(PGPModel):
+    """PGP on a full `transformers.CLIPModel`: shared image prompt + per-task CoOp text contexts.
+
+    Args:
+        config: a `method="clip"` config with `class_names` (class-order names, one per class).
+        base_model: the CLIPModel (loaded from `config.base_model_name_or_path` if None).
+        attn_implementation: `"pgp_sdpa"` / `"pgp_eager"` for the vision tower.
+        tokenizer: the CLIP tokenizer (loaded from `config.base_model_name_or_path` if None).
+
+    Attributes:
+        text_contexts: `nn.ParameterList` of `max_tasks` contexts (L_ctx, H_text).
+        max_tasks: number of task contexts.
+    """
+
+    def __init__(
+        self,
+        config: PromptGradientProjectionConfig,
+        base_model: nn.Module | None = None,
+        attn_implementation: str | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        if config.method != "clip":
+            raise ValueError(f"CLIPPGPModel needs method='clip', got {config.method!r}; use PGPModel")
+        if not config.class_names:
+            raise ValueError(
+                "PromptGradientProjectionConfig.class_names: CLIP-PGP builds its text prompts from readable "
+                "class names, one per class in class order. Set class_names=[...] in the config (or the "
+                "recipe's `class_names`), e.g. from the dataset's ClassLabel: "
+                "dataset.features['label'].names."
+            )
+        if tokenizer is None:
+            tokenizer = _PENDING_TOKENIZER.get()
+        if tokenizer is None:
+            # Before loading the backbone, so a missing tokenizer fails fast.
+            name = config.base_model_name_or_path or getattr(base_model, "name_or_path", None) or None
+            tokenizer = load_clip_tokenizer(name, config.revision)
+        super().__init__(config, base_model=base_model, attn_implementation=attn_implementation)
+        if not isinstance(self.backbone.model, CLIPModel):
+            raise TypeError(
+                f"CLIP-PGP needs a full transformers.CLIPModel (vision + text towers), got "
+                f"{type(self.backbone.model).__name__}"
+            )
+        clip = self.backbone.model
+        text_hidden = clip.text_model.config.hidden_size
+        self.max_tasks = int(getattr(config, "num_tasks", None) or self.num_classes)
+        self.text_contexts = nn.ParameterList(
+            [
+                nn.Parameter(
+                    torch.empty(config.text_context_length, text_hidden).normal_(0.0, CONTEXT_INIT_STD)
+                )
+                for _ in range(self.max_tasks)
+            ]
+        )
+        for task, context in enumerate(self.text_contexts):
+            context.requires_grad_(task == 0)
+        self._build_class_prompts(tokenizer)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def clip(self) -> CLIPModel:
+        return self.backbone.model
+
+    @property
+    def text_context(self) -> torch.Tensor:
+        """All task contexts stacked: (max_tasks, L_ctx, H_text)."""
+        return torch.stack(list(self.text_contexts))
+
+    def _build_class_prompts(self, tokenizer) -> None:
+        """Tokenize `text_template.format(name)` once per class; store the ids around the context slot.
+
+        Buffers (not saved; rebuilt from the class names): `text_prefix_ids` (C, 1) SOS,
+        `text_suffix_ids` (C, S) name tokens + EOS + padding, `text_eos_index` (C,) the pooled position in
+        the full sequence [SOS, context, suffix].
+        """
+        text_config = self.clip.text_model.config
+        template = self.config.text_template
+        bos = tokenizer.bos_token_id
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        if bos is None or eos is None:
+            raise ValueError(
+                f"the tokenizer {type(tokenizer).__name__} has no BOS/EOS token; CLIP needs both"
+            )
+        rows: list[list[int]] = []
+        for name in self.config.class_names:
+            text = template.format(name.replace("_", " "))
+            ids = list(tokenizer(text)["input_ids"])
+            if len(ids) < 2 or ids[0] != bos or eos not in ids:
+                raise ValueError(
+                    f"tokenizing {text!r} gave {ids}: expected [SOS, ..., EOS] with SOS={bos}, EOS={eos}"
+                )
+            if ids.index(eos) <= 1:
+                raise ValueError(
+                    f"the tokenizer produced no tokens for class name {name!r} ({text!r} -> {ids}); "
+                    "is it the CLIP checkpoint's tokenizer?"
+                )
+            bad = [i for i in ids if not 0 <= i < text_config.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"token ids {bad} of {text!r} exceed the text model's vocabulary ({text_config.vocab_size})"
+                )
+            rows.append(ids)
+        width = max(len(ids) for ids in rows)
+        length = width + self.config.text_context_length
+        if length > text_config.max_position_embeddings:
+            longest = self.config.class_names[max(range(len(rows)), key=lambda i: len(rows[i]))]
+            raise ValueError(
+                f"the class prompt for {longest!r} has {width} tokens + {self.config.text_context_length} context "
+                f"vectors = {length} > the text model's max_position_embeddings "
+                f"({text_config.max_position_embeddings}); shorten text_context_length or the class name/template"
+            )
+        ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long)
+        # The position CLIPTextModel pools at, computed by its own rule on the plain prompt, then shifted
+        # by the context length (the context sits between SOS and the name).
+        if text_config.eos_token_id == 2:  # legacy configs: the EOS is the largest id (see CLIPTextModel)
+            # (openai/clip-* checkpoints): CLIPTextModel pools at argmax(input_ids).
+            eos_index = ids.argmax(dim=-1)
+            if not bool((ids.gather(1, eos_index[:, None]) == eos).all()):
+                raise ValueError(
+                    "the text model's config has the legacy eos_token_id=2, so CLIP pools at the largest token "
+                    f"id, but the tokenizer's EOS ({eos}) is not the largest id of every class prompt. Use the "
+                    "checkpoint's own tokenizer."
+                )
+        else:
+            eos_index = (ids == text_config.eos_token_id).int().argmax(dim=-1)
+            missing = [
+                self.config.class_names[i]
+                for i in range(len(rows))
+                if text_config.eos_token_id not in rows[i]
+            ]
+            if missing:
+                raise ValueError(
+                    f"the text model's eos_token_id={text_config.eos_token_id} does not occur in the prompts of "
+                    f"{missing}; the tokenizer's EOS is {eos}. Use the checkpoint's own tokenizer."
+                )
+        self.register_buffer("text_prefix_ids", ids[:, :1].clone(), persistent=False)
+        self.register_buffer("text_suffix_ids", ids[:, 1:].clone(), persistent=False)
+        self.register_buffer("text_eos_index", eos_index + self.config.text_context_length, persistent=False)
+
+    # ------------------------------------------------------------------ text side
+    def encode_text_embeddings(self, inputs_embeds: torch.Tensor, eos_index: torch.Tensor) -> torch.Tensor:
+        """CLIP's text tower from token embeddings: inputs_embeds (N, S, H_text), eos_index (N,) -> (N, P).
+
+        `CLIPTextModel.forward` only takes input_ids, so this runs its submodules in the same order:
+        embeddings (+ positions), causal mask, encoder, final LayerNorm, EOS pooling, `text_projection`.
+        With `token_embedding(input_ids)` it reproduces `CLIPModel.get_text_features(input_ids)`.
+        """
+        text = self.clip.text_model
+        hidden = text.embeddings(inputs_embeds=inputs_embeds)
+        mask = create_causal_mask(config=text.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+        hidden = text.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
+        hidden = text.final_layer_norm(hidden)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        pooled = hidden[rows, eos_index.to(hidden.device)]
+        return self.clip.text_projection(pooled)
+
+    def class_prompt_embeddings(self) -> torch.Tensor:
+        """(C, 1 + L_ctx + S, H_text): [SOS, context of the class's task, name tokens, EOS, pad] per class.
+
+        Class c uses the context of the task that introduced it (`class_task[c]`); classes not seen yet use
+        context 0 (their logits are masked unless class_mask='all').
+        """
+        embedding = self.clip.text_model.embeddings.token_embedding
+        tasks = self.class_task.clamp(min=0)
+        context = self.text_context.to(embedding.weight.dtype)[tasks]
+        return torch.cat([embedding(self.text_prefix_ids), context, embedding(self.text_suffix_ids)], dim=1)
+
+    def class_text_features(self) -> torch.Tensor:
+        """(C, P) text features of every class (not normalised)."""
+        return self.encode_text_embeddings(self.class_prompt_embeddings(), self.text_eos_index)
+
+    # ------------------------------------------------------------------ image side
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, P) image features of the prompted pass: visual_projection(post_layernorm(CLS))."""
+        cls_states, _ = self.forward_features(pixel_values)
+        return self.backbone.project_image_features(cls_states)
+
+    @torch.no_grad()
+    def clip_memory_rows(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) what the image prompt meets: the vision embeddings output (CLS + patches, position
+        embeddings added, before `pre_layrnorm`), without prompts. The rows PGP's image-prompt basis is
+        built from (the reference's `act['rep']`)."""
+        recorded: list[torch.Tensor] = []
+
+        def record(tokens: torch.Tensor) -> None:
+            recorded.append(tokens.detach())
+
+        self.forward_features(pixel_values, token_recorder=record)
+        return recorded[0]
+
+    # ------------------------------------------------------------------ logits
+    def compute_logits(self, features: torch.Tensor, task_id=None) -> torch.Tensor:
+        """features (B, D) post-LayerNorm CLS -> logits (B, C) = exp(logit_scale) · cosine similarity."""
+        self._check_context_trainable(task_id)
+        image = nn.functional.normalize(self.backbone.project_image_features(features), dim=-1)
+        text = nn.functional.normalize(self.class_text_features(), dim=-1)
+        scale = self.clip.logit_scale.exp()
+        return scale * image @ text.to(image.dtype).t()
+
+    def _check_context_trainable(self, task_id) -> None:
+        if task_id is None or not (self.training and torch.is_grad_enabled()):
+            return
+        tasks = task_id.unique().tolist() if isinstance(task_id, torch.Tensor) else [int(task_id)]
+        for task in tasks:
+            if not 0 <= task < self.max_tasks:
+                raise ValueError(f"task {task} has no text context (max_tasks={self.max_tasks})")
+            if not self.text_contexts[task].requires_grad:
+                warnings.warn(
+                    f"CLIPPGPModel: training task {task} but its text context is frozen; call "
+                    f"model.begin_task({task}) before building the task's optimizer",
+                    stacklevel=3,
+                )
+
+    # ------------------------------------------------------------------ continual bookkeeping
+    def begin_task(self, task_id: int) -> None:
+        """Make only context `task_id` trainable (old contexts stay fixed, also under weight decay)."""
+        if not 0 <= int(task_id) < self.max_tasks:
+            raise ValueError(
+                f"task {task_id} has no text context: this model holds {self.max_tasks} (one per task; "
+                "config.num_tasks, or num_classes when the config has no such field)"
+            )
+        super().begin_task(task_id)
+        for task, context in enumerate(self.text_contexts):
+            context.requires_grad_(task == int(task_id))
+
+    # ------------------------------------------------------------------ save / load
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        tokenizer: Any = None,
+        **kwargs: Any,
+    ) -> CLIPPGPModel:
+        """`PGPModel.from_pretrained` plus `tokenizer=` (else loaded from the recorded base model)."""
+        token = _PENDING_TOKENIZER.set(tokenizer)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        finally:
+            _PENDING_TOKENIZER.reset(token)
