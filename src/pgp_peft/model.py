@@ -8,30 +8,19 @@ writes only the adapter (config.json + model.safetensors + README.md, never the 
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
-from . import __version__
 from .backbones import VisionBackbone, build_backbone
-from .config import CONFIG_NAME, PromptGradientProjectionConfig, atomic_write_text
+from .config import PromptGradientProjectionConfig
+from .hub import LIBRARY_NAME, AdapterHubMixin, load_base_model
 from .projection import NullSpaceMemory
 from .prompts import ImagePrompt, L2PPromptPool, PrefixPromptPool, PromptSelection
-
-WEIGHTS_NAME = "model.safetensors"
-LIBRARY_NAME = "pgp_peft"
-RUN_FILES = ("results.json", "accuracy_matrix.png", "accuracy_curves.png")
 
 
 @dataclass
@@ -49,7 +38,7 @@ class PGPOutput(ModelOutput):
 
 class PGPModel(
     nn.Module,
-    PyTorchModelHubMixin,
+    AdapterHubMixin,
     library_name=LIBRARY_NAME,
     tags=["pgp_peft", "continual-learning", "prompt-tuning", "image-classification"],
     repo_url="https://github.com/JingyangQiao/prompt-gradient-projection",
@@ -82,7 +71,9 @@ class PGPModel(
         if config.method == "clip" and not self.backbone.is_clip:
             raise TypeError("method='clip' needs a CLIPModel backbone")
         if config.method != "clip" and config.num_classes is None:
-            raise ValueError("PromptGradientProjectionConfig.num_classes: required for L2P and DualPrompt heads")
+            raise ValueError(
+                "PromptGradientProjectionConfig.num_classes: required for L2P and DualPrompt heads"
+            )
         if config.projection_space == "reference" and config.memory_samples != self.backbone.hidden_size:
             raise ValueError(
                 f"PromptGradientProjectionConfig.memory_samples: reference mode needs memory_samples == hidden size "
@@ -395,226 +386,6 @@ class PGPModel(
             delta = current - before
             self.project_tensor_(delta, names)
             current.copy_(before + delta)
-
-    # ------------------------------------------------------------------ save / load
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything but the frozen backbone: prompts, keys, head, class bookkeeping, bases."""
-        return {
-            name: tensor.detach().contiguous().clone()
-            for name, tensor in self.state_dict().items()
-            if not name.startswith("backbone.")
-        }
-
-    def backbone_signature(self) -> dict[str, int]:
-        return {
-            "hidden_size": self.backbone.hidden_size,
-            "num_hidden_layers": self.backbone.num_layers,
-            "num_attention_heads": self.backbone.num_heads,
-        }
-
-    def _config_payload(self) -> dict[str, Any]:
-        payload = self.config.to_dict()
-        payload.update(
-            library_name=LIBRARY_NAME,
-            pgp_peft_version=__version__,
-            backbone=self.backbone_signature(),
-        )
-        return payload
-
-    def _save_pretrained(self, save_directory: Path) -> None:
-        save_file(self.adapter_state_dict(), str(Path(save_directory) / WEIGHTS_NAME), metadata={"format": "pt"})
-        atomic_write_text(Path(save_directory) / CONFIG_NAME, json.dumps(self._config_payload(), indent=2) + "\n")
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> str | None:
-        """Write config.json, model.safetensors and README.md; never the backbone.
-
-        Files are first written to a temporary sibling directory and then moved into place one by one
-        with `os.replace`, so a failure half way leaves the previous save readable.
-        """
-        target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
-            super().save_pretrained(staging, **{k: v for k, v in kwargs.items() if k != "push_to_hub"})
-            target.mkdir(parents=True, exist_ok=True)
-            # Weights first, config last: a reader that sees the new config also sees the new weights.
-            order = sorted(os.listdir(staging), key=lambda name: (name == CONFIG_NAME, name))
-            for name in order:
-                os.replace(staging / name, target / name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        if kwargs.get("push_to_hub"):
-            repo_id = kwargs.get("repo_id") or target.name
-            return self.push_to_hub(repo_id, model_card_kwargs=kwargs.get("model_card_kwargs"))
-        return None
-
-    def generate_model_card(self, *args: Any, **kwargs: Any):
-        """The pgp_peft model card (model_cards/pgp_model_card.md) filled from the config and run results."""
-        from .cards import build_model_card
-
-        return build_model_card(config=self._config_payload(), **kwargs)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str = "Upload pgp_peft adapter",
-        private: bool | None = None,
-        token: str | None = None,
-        branch: str | None = None,
-        create_pr: bool | None = None,
-        output_dir: str | os.PathLike | None = None,
-        model_card_kwargs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> str:
-        """Upload the adapter (config, prompts/keys/head, bases, model card) in one commit.
-
-        With `output_dir` (a training run's folder) its results.json, accuracy plots and split
-        manifest go along. The local save is never modified; a refused push raises the Hub's error.
-        """
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
-        card_kwargs = dict(model_card_kwargs or {})
-        card_kwargs.setdefault("repo_id", repo_id)
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "adapter"
-            self.save_pretrained(folder, model_card_kwargs=card_kwargs)
-            if output_dir is not None:
-                for name in RUN_FILES:
-                    source = Path(output_dir) / name
-                    if source.exists():
-                        shutil.copy2(source, folder / name)
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=commit_message,
-                revision=branch,
-                create_pr=create_pr,
-                **kwargs,
-            )
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *,
-        base_model: nn.Module | None = None,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        force_download: bool = False,
-        local_files_only: bool = False,
-        map_location: str | torch.device = "cpu",
-        attn_implementation: str | None = None,
-        **config_overrides: Any,
-    ) -> PGPModel:
-        """Load an adapter from a local directory or a Hub repo id (safetensors only, never pickle).
-
-        The backbone is `base_model` if given, else loaded from the recorded base model and revision.
-        A backbone of another hidden size or depth raises `ValueError` naming both shapes.
-        """
-        source = str(pretrained_model_name_or_path)
-        tokenizer = config_overrides.pop("tokenizer", None)  # CLIP adapters only
-
-        def fetch(filename: str) -> str:
-            if os.path.isdir(source):
-                path = os.path.join(source, filename)
-                if not os.path.exists(path):
-                    raise FileNotFoundError(f"{filename} not found in {source}: not a pgp_peft adapter directory")
-                return path
-            return hf_hub_download(
-                repo_id=source,
-                filename=filename,
-                revision=revision,
-                token=token,
-                cache_dir=cache_dir,
-                force_download=force_download,
-                local_files_only=local_files_only,
-            )
-
-        with open(fetch(CONFIG_NAME), encoding="utf-8") as handle:
-            payload = json.load(handle)
-        library = payload.get("library_name")
-        if library != LIBRARY_NAME or "method" not in payload:
-            raise ValueError(
-                f"{source} is not a pgp_peft adapter: its config.json has library_name={library!r} "
-                f"and keys {sorted(payload)[:12]}"
-            )
-        saved_signature = payload.pop("backbone", None)
-        payload.update(config_overrides)
-        config = PromptGradientProjectionConfig.from_dict(payload)
-        if config.method == "clip" and cls is PGPModel:
-            from .clip import CLIPPGPModel
-
-            return CLIPPGPModel.from_pretrained(
-                pretrained_model_name_or_path,
-                base_model=base_model,
-                revision=revision,
-                token=token,
-                cache_dir=cache_dir,
-                force_download=force_download,
-                local_files_only=local_files_only,
-                map_location=map_location,
-                attn_implementation=attn_implementation,
-                tokenizer=tokenizer,
-                **config_overrides,
-            )
-        model = cls(config, base_model=base_model, attn_implementation=attn_implementation)
-        if saved_signature is not None and saved_signature != model.backbone_signature():
-            raise ValueError(
-                f"adapter {source} was trained on a backbone with {saved_signature}, but the backbone given has "
-                f"{model.backbone_signature()}"
-            )
-        state = load_file(fetch(WEIGHTS_NAME), device=str(map_location))
-        model.load_adapter_state_dict(state, source=source)
-        model.to(map_location)
-        model.eval()
-        return model
-
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        """Strict load of adapter tensors: missing, unexpected or mis-shaped entries raise `ValueError`."""
-        expected = {name: t for name, t in self.state_dict().items() if not name.startswith("backbone.")}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{source}: missing adapter tensors {missing}, unexpected {unexpected}")
-        for name, tensor in state.items():
-            if tuple(tensor.shape) != tuple(expected[name].shape):
-                raise ValueError(
-                    f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} but this backbone needs "
-                    f"{tuple(expected[name].shape)} (hidden size {self.backbone.hidden_size}, "
-                    f"{self.backbone.num_layers} layers)"
-                )
-        self.load_state_dict(state, strict=False)
-
-
-def load_base_model(config: PromptGradientProjectionConfig) -> nn.Module:
-    """Load the frozen backbone named in the config, with a clear error when it cannot be had."""
-    from .runner import resolve_builtin
-
-    name, revision = resolve_builtin(config.base_model_name_or_path), config.revision
-    if not name:
-        raise ValueError(
-            "no base model given: pass base_model=... or set config.base_model_name_or_path "
-            "(e.g. 'google/vit-base-patch16-224-in21k')"
-        )
-    from transformers import AutoConfig, AutoModel, CLIPModel, ViTModel
-
-    try:
-        backbone_config = AutoConfig.from_pretrained(name, revision=revision)
-        if backbone_config.model_type == "vit":
-            return ViTModel.from_pretrained(name, revision=revision, add_pooling_layer=False)
-        if backbone_config.model_type == "clip":
-            return CLIPModel.from_pretrained(name, revision=revision)
-        return AutoModel.from_pretrained(name, revision=revision)
-    except OSError as error:
-        raise OSError(
-            f"could not load the base model {name!r} at revision {revision!r}: {error}\n"
-            "If you are offline, load the backbone yourself and pass it: "
-            "PGPModel.from_pretrained(repo, base_model=ViTModel.from_pretrained(local_dir))"
-        ) from error
 
 
 def get_pgp_model(
