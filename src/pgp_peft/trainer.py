@@ -1,0 +1,467 @@
+"""`ContinualTrainer`: a `transformers.Trainer` that trains a task sequence with prompt gradient projection.
+
+Per task t: register the task's classes, start the task (DualPrompt's shared-pool copy), build a
+fresh optimizer and schedule, train with the class mask and the pull constraint while the
+projection callback projects every gradient (after unscaling and clipping, before the step), update
+the null-space memory at the boundary, evaluate every seen task (class-IL and task-IL), and write an
+atomic per-task checkpoint (adapter tensors + continual state; never the backbone).
+
+Each task is seeded with `args.seed + t`, so a run resumed from the checkpoint of task t-1 replays
+task t exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import set_seed
+
+from .config import atomic_write_text
+from .data import ContinualSplits, collate, memory_subset, with_image_transform
+from .memory import memory_update_timing, update_memory
+from .metrics import AccuracyMatrix, plot_accuracy_curves, plot_accuracy_matrix, summarize, write_results_json
+from .model import PGPModel
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-task-"
+STATE_NAME = "continual_state.json"
+
+
+class ProjectionCallback(TrainerCallback):
+    """Projects protected gradients before every optimizer step (and, with `project_update`, the update).
+
+    `on_pre_optimizer_step` runs after the DDP all-reduce, the fp16 unscale and gradient clipping, and
+    before `optimizer.step()`: the paper's order (clip -> project -> step).
+    """
+
+    def __init__(self, model: PGPModel) -> None:
+        self.model = model
+        self._snapshots: list[torch.Tensor] | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.model.project_gradients_()
+        if (
+            self.model.config.project_update
+            and self.model.config.use_pgp
+            and not self.model.memory.is_empty()
+        ):
+            self._snapshots = self.model.snapshot_protected()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self._snapshots is not None:
+            self.model.project_updates_(self._snapshots)
+            self._snapshots = None
+
+
+@dataclass
+class TaskCollator:
+    """Stacks a batch and adds the current task id (the model's prompt and class masks need it)."""
+
+    task_id: int
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collate(examples)
+        batch["task_id"] = torch.full((batch["labels"].shape[0],), self.task_id, dtype=torch.long)
+        return batch
+
+
+@dataclass
+class ContinualResult:
+    """What a continual run produced: class-IL and task-IL accuracy matrices and their summaries."""
+
+    accuracy: AccuracyMatrix
+    task_il_accuracy: AccuracyMatrix
+    summary: dict[str, Any] = field(default_factory=dict)
+    memory_ranks: list[dict[str, int]] = field(default_factory=list)
+
+
+class ContinualTrainer(Trainer):
+    """Trains `model` over the tasks of `splits`, one `Trainer.train()` per task.
+
+    Args:
+        model: a `PGPModel`.
+        args: `TrainingArguments` (output_dir holds per-task checkpoints and results; use
+            `remove_unused_columns=False` with lazily transformed datasets).
+        splits: the class-incremental splits (`data.make_class_incremental_splits`).
+        train_transform / eval_transform: batched transforms for `Dataset.with_transform`.
+        memory_transform: transform for the memory samples (default: eval_transform; the reference
+            L2P collects with train-time augmentation).
+        first_task_args: TrainingArguments fields that differ on the first task (CLIP: lr, weight decay).
+        online: one pass over each task's stream (online class-IL).
+        task_end_callbacks: called as `fn(trainer, task_id, result)` after each task's checkpoint
+            (e.g. a Hub push per task).
+        recipe: the recipe dict, recorded in results.json and the model card.
+    """
+
+    def __init__(
+        self,
+        model: PGPModel,
+        args: TrainingArguments,
+        *,
+        splits: ContinualSplits | None = None,
+        train_transform: Callable | None = None,
+        eval_transform: Callable | None = None,
+        memory_transform: Callable | None = None,
+        first_task_args: dict[str, Any] | None = None,
+        online: bool = False,
+        task_end_callbacks: list[Callable] | None = None,
+        recipe: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if getattr(args, "remove_unused_columns", False):
+            args.remove_unused_columns = False  # lazily decoded columns would be dropped otherwise
+        self._check_distributed_support(args)
+        super().__init__(model=model, args=args, data_collator=TaskCollator(0), **kwargs)
+        # `accelerate launch` (config file / --use_fsdp / --use_deepspeed) can enable sharding without
+        # any TrainingArguments field: the Trainer's flags cover both routes.
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            which = "FSDP" if self.is_fsdp_enabled else "DeepSpeed"
+            raise ValueError(
+                f"PGP projection needs whole gradients: the accelerate configuration enables {which}, which "
+                "shards them and is not supported"
+            )
+        self.splits = splits
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+        self.memory_transform = memory_transform or eval_transform
+        self.first_task_args = dict(first_task_args or {})
+        self.online = online
+        self.task_end_callbacks = list(task_end_callbacks or [])
+        self.recipe = recipe
+        self.current_task = 0
+        self.projection_callback = ProjectionCallback(model)
+        self.add_callback(self.projection_callback)
+        self._later_task_args = {key: getattr(args, key) for key in self.first_task_args}
+
+    @staticmethod
+    def _check_distributed_support(args: TrainingArguments) -> None:
+        if (
+            getattr(args, "fsdp", None)
+            or getattr(args, "fsdp_config", None)
+            and args.fsdp_config.get("fsdp_version")
+        ):
+            raise ValueError("PGP projection needs whole gradients: FSDP shards them and is not supported")
+        if getattr(args, "deepspeed", None):
+            raise ValueError(
+                "PGP projection needs whole gradients: DeepSpeed ZeRO shards them and is not supported"
+            )
+
+    # ------------------------------------------------------------------ Trainer hooks
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        finite = torch.isfinite(loss.detach()).all()
+        if self.accelerator.num_processes > 1:
+            # Every rank must stop together, or the others hang in the next all-reduce.
+            finite = self.accelerator.reduce(finite.float().reshape(1), reduction="sum").item() == (
+                self.accelerator.num_processes
+            )
+        if not finite:
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) in task {self.current_task} at step {self.state.global_step}; "
+                f"the last per-task checkpoint in {self.args.output_dir} is intact"
+            )
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # global_step restarts every task: tag every record with the task it belongs to.
+        logs = {**logs, "task": self.current_task}
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Trainer checkpoints hold the adapter only, never the frozen backbone."""
+        if self.args.should_save:
+            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir or self.args.output_dir)
+
+    # ------------------------------------------------------------------ data helpers
+    def _transformed(self, dataset, transform):
+        """Lazy decoding inside the transform, so a corrupt image is reported with its row id."""
+        if transform is None:
+            return dataset
+        return with_image_transform(dataset, transform, self.splits.image_column)
+
+    def _eval_loader(self, dataset) -> DataLoader:
+        loader = DataLoader(
+            self._transformed(dataset, self.eval_transform),
+            batch_size=self.args.per_device_eval_batch_size,
+            shuffle=False,
+            collate_fn=collate,
+            num_workers=self.args.dataloader_num_workers,
+        )
+        return self.accelerator.prepare(loader)
+
+    def _memory_batches(self, task_id: int):
+        """This process's shard of the task's memory samples: a seeded random subset of the task's
+        training rows (the rows are grouped by class, so the first rows would miss classes)."""
+        dataset = memory_subset(
+            self.splits.train[task_id], self.model.config.memory_samples, self.args.seed + task_id
+        )
+        reference = self.model.config.projection_space == "reference"
+        if self.accelerator.num_processes > 1 and not reference:
+            dataset = dataset.shard(
+                self.accelerator.num_processes, self.accelerator.process_index, contiguous=True
+            )
+        return DataLoader(
+            self._transformed(dataset, self.memory_transform),
+            batch_size=self.args.per_device_eval_batch_size,
+            shuffle=False,
+            collate_fn=collate,
+        )
+
+    # ------------------------------------------------------------------ memory
+    def _sync_memory(self) -> None:
+        """Make every rank hold rank 0's bases bit for bit."""
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            for buffer in self.model.memory.buffers():
+                buffer.copy_(broadcast(buffer.clone()))
+
+    def update_memory(self, task_id: int) -> dict[str, int]:
+        if not self.model.config.use_pgp:
+            return {}
+        reduce_fn = None
+        if self.accelerator.num_processes > 1:
+            reduce_fn = lambda tensor: self.accelerator.reduce(tensor, reduction="sum")  # noqa: E731
+        updates = update_memory(self.model, self._memory_batches(task_id), task_id, reduce_fn=reduce_fn)
+        self._sync_memory()
+        ranks = self.model.memory.ranks()
+        logger.info("task %d: memory updated, ranks %s", task_id, ranks)
+        del updates
+        return ranks
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate_task(self, task_id: int) -> tuple[float, float]:
+        """(class-IL accuracy, task-IL accuracy) in percent on task `task_id`'s test set."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        correct_cil = correct_til = total = 0
+        task_mask = model.class_task == task_id
+        seen_mask = model.class_task >= 0
+        for batch in self._eval_loader(self.splits.test[task_id]):
+            logits = model(batch["pixel_values"], class_mask="all").logits
+            labels = batch["labels"].to(logits.device)
+            cil = logits.masked_fill(~seen_mask.to(logits.device), float("-inf")).argmax(-1)
+            til = logits.masked_fill(~task_mask.to(logits.device), float("-inf")).argmax(-1)
+            cil, til, labels = self.accelerator.gather_for_metrics((cil, til, labels))
+            correct_cil += int((cil == labels).sum())
+            correct_til += int((til == labels).sum())
+            total += int(labels.numel())
+        model.train(was_training)
+        if total == 0:
+            return math.nan, math.nan
+        return 100.0 * correct_cil / total, 100.0 * correct_til / total
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_dir(self, task_id: int) -> Path:
+        return Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{task_id}"
+
+    def save_task_checkpoint(self, task_id: int, result: ContinualResult) -> None:
+        """Atomically write `checkpoint-task-{t}`: adapter (safetensors) + continual state (JSON)."""
+        if not self.args.should_save:
+            return
+        final = self._checkpoint_dir(task_id)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            self.model.save_pretrained(staging)
+            state = {
+                "task_id": task_id,
+                "num_tasks": self.splits.num_tasks,
+                "accuracy": result.accuracy.to_dict(),
+                "task_il_accuracy": result.task_il_accuracy.to_dict(),
+                "memory_ranks": result.memory_ranks,
+                "manifest": self.splits.to_manifest(),
+                "seed": self.args.seed,
+            }
+            atomic_write_text(staging / STATE_NAME, json.dumps(state, indent=2) + "\n")
+            # Swap by renames: a valid checkpoint-task-t exists at every moment (the old one until the
+            # new one is in place; a crash in between leaves the old one under .old).
+            retired = final.with_name(f".{final.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            if final.exists():
+                os.replace(final, retired)
+            os.replace(staging, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def latest_checkpoint(self) -> Path | None:
+        root = Path(self.args.output_dir)
+        if not root.is_dir():
+            return None
+        found = []
+        for path in root.iterdir():
+            match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
+            if match and (path / STATE_NAME).exists():
+                found.append((int(match.group(1)), path))
+        return max(found)[1] if found else None
+
+    def _load_checkpoint(self, path: Path) -> tuple[int, ContinualResult]:
+        from safetensors.torch import load_file
+
+        with open(path / STATE_NAME, encoding="utf-8") as handle:
+            state = json.load(handle)
+        if state["num_tasks"] != self.splits.num_tasks:
+            raise ValueError(
+                f"checkpoint {path} is for {state['num_tasks']} tasks, this run has {self.splits.num_tasks}"
+            )
+        device = next(self.model.parameters()).device
+        self.model.load_adapter_state_dict(
+            load_file(str(path / "model.safetensors"), device=str(device)), str(path)
+        )
+        result = ContinualResult(
+            accuracy=AccuracyMatrix.from_dict(state["accuracy"]),
+            task_il_accuracy=AccuracyMatrix.from_dict(state["task_il_accuracy"]),
+            memory_ranks=state.get("memory_ranks", []),
+        )
+        return int(state["task_id"]), result
+
+    # ------------------------------------------------------------------ the loop
+    def _configure_task(self, task_id: int) -> None:
+        values = self.first_task_args if task_id == 0 else self._later_task_args
+        for key, value in values.items():
+            setattr(self.args, key, value)
+        if self.online:
+            self.args.num_train_epochs = 1
+            self.args.max_steps = -1
+        # A fresh optimizer and schedule per task (as the paper).
+        self.optimizer = None
+        self.lr_scheduler = None
+        self.data_collator = TaskCollator(task_id)
+        self.train_dataset = self._transformed(self.splits.train[task_id], self.train_transform)
+        # Which parameters train can change per task (CLIP's text contexts): let the Trainer wrap the
+        # model anew, so a DDP wrapper registers the current task's trainable parameters.
+        self.model_wrapped = self.model
+
+    def train_continual(
+        self, splits: ContinualSplits | None = None, resume_from_checkpoint: bool | str | None = None
+    ) -> ContinualResult:
+        """Train every task of `splits` in order; returns the accuracy matrices and their summary.
+
+        `resume_from_checkpoint`: True (latest `checkpoint-task-*` in output_dir) or a path; the run
+        continues with the task after the checkpoint's.
+        """
+        if splits is not None:
+            self.splits = splits
+        if self.splits is None:
+            raise ValueError("train_continual needs splits (data.make_class_incremental_splits)")
+        num_tasks = self.splits.num_tasks
+        for task_id, classes in enumerate(self.splits.task_classes):
+            if max(classes) >= self.model.num_classes:
+                raise ValueError(
+                    f"task {task_id} uses class id {max(classes)} but the model head has {self.model.num_classes} classes"
+                )
+        if self.model.config.class_names is None and len(self.splits.class_names) == self.model.num_classes:
+            self.model.config.class_names = list(self.splits.class_names)  # so predict() returns names
+        result = ContinualResult(AccuracyMatrix(num_tasks), AccuracyMatrix(num_tasks))
+        start = 0
+        if resume_from_checkpoint:
+            path = (
+                self.latest_checkpoint() if resume_from_checkpoint is True else Path(resume_from_checkpoint)
+            )
+            if path is None:
+                logger.warning(
+                    "no checkpoint found in %s: starting from the first task", self.args.output_dir
+                )
+            else:
+                done, result = self._load_checkpoint(path)
+                start = done + 1
+                for task_id in range(start):
+                    self.model.register_task_classes(task_id, self.splits.task_classes[task_id])
+                logger.info("resumed from %s: continuing with task %d", path, start)
+
+        timing = memory_update_timing(self.model)
+        for task_id in range(start, num_tasks):
+            self.current_task = task_id
+            set_seed(self.args.seed + task_id)
+            self.model.register_task_classes(task_id, self.splits.task_classes[task_id])
+            self.model.begin_task(task_id)
+            staged = None
+            if timing == "start" and self.model.config.use_pgp:
+                # Reference L2P: collect at the task's start, use the new bases from the next task on.
+                active = {k: v.clone() for k, v in self.model.memory.state_dict().items()}
+                self.update_memory(task_id)
+                staged = {k: v.clone() for k, v in self.model.memory.state_dict().items()}
+                self.model.memory.load_state_dict(active)
+            self._configure_task(task_id)
+            logger.info("task %d/%d: %d training samples", task_id + 1, num_tasks, len(self.train_dataset))
+            self.train()
+            if staged is not None:
+                self.model.memory.load_state_dict(staged)
+            elif timing == "end":
+                self.update_memory(task_id)
+            result.memory_ranks.append(self.model.memory.ranks())
+            for evaluated in range(task_id + 1):
+                cil, til = self.evaluate_task(evaluated)
+                result.accuracy.record(task_id, evaluated, cil)
+                result.task_il_accuracy.record(task_id, evaluated, til)
+            summary = summarize(result.accuracy.values)
+            self.log({"average_accuracy": summary["average_accuracy"]})
+            self.save_task_checkpoint(task_id, result)
+            result.summary = summarize(result.accuracy.values)
+            result.summary["task_il"] = summarize(result.task_il_accuracy.values)
+            self.write_results(result)
+            for callback in self.task_end_callbacks:
+                callback(self, task_id, result)
+        if start >= num_tasks:
+            result.summary = summarize(result.accuracy.values)
+            result.summary["task_il"] = summarize(result.task_il_accuracy.values)
+        return result
+
+    def model_card_kwargs(self, result: ContinualResult) -> dict[str, Any]:
+        """What the model card needs to describe this run (see `cards.build_model_card`)."""
+        summary = result.summary
+        results = {
+            "accuracy_matrix": result.accuracy.to_dict()["values"],
+            "average_accuracy": summary.get("average_accuracy"),
+            "forgetting_paper": summary.get("forgetting_paper"),
+            "forgetting_reference": summary.get("forgetting_reference"),
+            "bwt": summary.get("backward_transfer"),
+            "num_tasks": self.splits.num_tasks,
+            "task_il_average_accuracy": summary.get("task_il", {}).get("average_accuracy"),
+            "class_order": list(self.splits.class_order),
+            "setting": "online class-IL" if self.online else "class-IL",
+        }
+        return {
+            "results": results,
+            "recipe": self.recipe,
+            "class_names": list(self.splits.class_names),
+            "dataset_id": self.splits.dataset_id,
+            "plot_filenames": ["accuracy_matrix.png", "accuracy_curves.png"],
+        }
+
+    def write_results(self, result: ContinualResult) -> None:
+        """results.json + accuracy-matrix heatmap + per-task curves in output_dir (main process only)."""
+        if not self.args.should_save:
+            return
+        out = Path(self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "summary": result.summary,
+            "accuracy_matrix": result.accuracy.to_dict(),
+            "task_il_accuracy_matrix": result.task_il_accuracy.to_dict(),
+            "memory_ranks": result.memory_ranks,
+            "manifest": self.splits.to_manifest(),
+            "config": self.model.config.to_dict(),
+        }
+        write_results_json(out / "results.json", payload)
+        plot_accuracy_matrix(result.accuracy.values, out / "accuracy_matrix.png")
+        plot_accuracy_curves(result.accuracy.values, out / "accuracy_curves.png")
