@@ -141,6 +141,8 @@ def build_model_card(
     method_label = _METHOD_NAMES[method] + ("-PGP" if use_pgp else "")
     names = list(class_names) if class_names is not None else config.get("class_names")
     base_model = config.get("base_model_name_or_path")
+    # Only a Hub id may go into the metadata: a local folder would link a dataset that does not exist.
+    hub_dataset = dataset_id if _is_hub_repo_id(dataset_id) else None
     summary = _Summary.from_results(results) if results is not None else None
     model_name = repo_id or f"{LIBRARY_NAME}-{method_label.lower()}"
 
@@ -148,12 +150,12 @@ def build_model_card(
         library_name=LIBRARY_NAME,
         tags=[*_BASE_TAGS, method, *(["pgp"] if use_pgp else [])],
         base_model=base_model if _is_hub_repo_id(base_model) else None,
-        datasets=[dataset_id] if dataset_id else None,
+        datasets=[hub_dataset] if hub_dataset else None,
         pipeline_tag="image-classification",
         license=config.get("license") or (recipe or {}).get("license"),
         metrics=["accuracy"] if summary is not None else None,
         model_name=model_name if summary is not None else None,
-        eval_results=summary.eval_results(dataset_id) if summary is not None else None,
+        eval_results=summary.eval_results(hub_dataset) if summary is not None else None,
     )
     template_kwargs: dict[str, Any] = {
         "title": repo_id.split("/")[-1] if repo_id else f"{method_label} adapter",

@@ -53,6 +53,12 @@ class PromptGradientProjectionConfig:
             (resize, [0, 1], no normalisation, as the paper's code) or `"processor"` (the base
             checkpoint's image processor).
 
+    Backbone
+        base_model_name_or_path, revision: the frozen backbone (Hub id or local folder).
+        base_model_kwargs: config overrides applied when the backbone is loaded from its name (e.g.
+            `{"layer_norm_eps": 1e-6}`, as the paper's ViT-B recipes), so a reloaded adapter sees
+            exactly the backbone it was trained on.
+
     Projection
         use_pgp: apply Prompt Gradient Projection between tasks (False = the baseline method).
         projection_space: `"feature"` (default, embedding-space Gram matrices, ALGORITHM.md §2) or
@@ -67,6 +73,7 @@ class PromptGradientProjectionConfig:
     method: str = "l2p"
     base_model_name_or_path: str | None = None
     revision: str | None = None
+    base_model_kwargs: dict[str, Any] = field(default_factory=dict)
     inference_mode: bool = False
     num_classes: int | None = None
     num_tasks: int | None = None
@@ -187,7 +194,10 @@ class PromptGradientProjectionConfig:
                 f"unknown space {self.projection_space!r}; expected one of {list(PROJECTION_SPACES)}",
             )
         if self.tuning_type not in TUNING_TYPES:
-            fail("tuning_type", f"unknown tuning type {self.tuning_type!r}; expected one of {list(TUNING_TYPES)}")
+            fail(
+                "tuning_type",
+                f"unknown tuning type {self.tuning_type!r}; expected one of {list(TUNING_TYPES)}",
+            )
         if self.head_type not in HEAD_TYPES:
             fail("head_type", f"unknown head type {self.head_type!r}; expected one of {list(HEAD_TYPES)}")
         for name in ("prompt_init", "key_init"):
@@ -196,7 +206,10 @@ class PromptGradientProjectionConfig:
         if self.preprocessing not in ("reference", "processor"):
             fail("preprocessing", f"expected 'reference' or 'processor', got {self.preprocessing!r}")
         if self.query_source not in QUERY_SOURCES:
-            fail("query_source", f"unknown query source {self.query_source!r}; expected one of {list(QUERY_SOURCES)}")
+            fail(
+                "query_source",
+                f"unknown query source {self.query_source!r}; expected one of {list(QUERY_SOURCES)}",
+            )
         for name in ("pool_size", "prompt_length", "top_k", "image_prompt_length", "text_context_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -209,10 +222,16 @@ class PromptGradientProjectionConfig:
             fail("top_k", f"top_k={self.top_k} exceeds pool_size={self.pool_size}")
         for name in ("prompt_threshold", "key_threshold"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < float(value) <= 1.0:
+            if (
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or not 0.0 < float(value) <= 1.0
+            ):
                 fail(name, f"threshold must lie in (0, 1], got {value!r}")
         if self.memory_samples is not None and (
-            not isinstance(self.memory_samples, int) or isinstance(self.memory_samples, bool) or self.memory_samples <= 0
+            not isinstance(self.memory_samples, int)
+            or isinstance(self.memory_samples, bool)
+            or self.memory_samples <= 0
         ):
             fail("memory_samples", f"must be a positive integer or None, got {self.memory_samples!r}")
         for name in ("num_classes", "num_tasks"):
@@ -235,7 +254,11 @@ class PromptGradientProjectionConfig:
                 fail(name, f"layer indices {layers} exceed the backbone's depth ({num_hidden_layers} layers)")
         if set(self.g_prompt_layers) & set(self.e_prompt_layers):
             fail("e_prompt_layers", "G- and E-prompt layers must not overlap")
-        if self.class_names is not None and self.num_classes is not None and len(self.class_names) != self.num_classes:
+        if (
+            self.class_names is not None
+            and self.num_classes is not None
+            and len(self.class_names) != self.num_classes
+        ):
             fail("class_names", f"{len(self.class_names)} names for num_classes={self.num_classes}")
 
     # ------------------------------------------------------------------ serialisation

@@ -111,11 +111,18 @@ class AdapterHubMixin(PyTorchModelHubMixin):
         With `output_dir` (a training run's folder) its results.json, accuracy plots and split
         manifest go along. The local save is never modified; a refused push raises the Hub's error.
         """
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi, get_token
 
+        if token is None and get_token() is None:
+            raise ValueError(
+                f"cannot push to {repo_id!r}: no Hugging Face token found. Log in with `hf auth login`, set "
+                "the HF_TOKEN environment variable, or pass token=... (your local files are untouched)"
+            )
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
         card_kwargs = dict(model_card_kwargs or {})
+        if output_dir is not None and "results" not in card_kwargs:
+            card_kwargs.update(card_kwargs_from_run(output_dir))
         card_kwargs.setdefault("repo_id", repo_id)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "adapter"
@@ -165,15 +172,25 @@ class AdapterHubMixin(PyTorchModelHubMixin):
                         f"{filename} not found in {source}: not a pgp_peft adapter directory"
                     )
                 return path
-            return hf_hub_download(
-                repo_id=source,
-                filename=filename,
-                revision=revision,
-                token=token,
-                cache_dir=cache_dir,
-                force_download=force_download,
-                local_files_only=local_files_only,
-            )
+            from huggingface_hub.errors import EntryNotFoundError
+
+            try:
+                return hf_hub_download(
+                    repo_id=source,
+                    filename=filename,
+                    revision=revision,
+                    token=token,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    local_files_only=local_files_only,
+                )
+            except EntryNotFoundError as error:
+                from huggingface_hub import list_repo_files
+
+                files = list_repo_files(source, revision=revision, token=token)
+                raise ValueError(
+                    f"{source} is not a pgp_peft adapter: no {filename}; the repo has {sorted(files)[:20]}"
+                ) from error
 
         with open(fetch(CONFIG_NAME), encoding="utf-8") as handle:
             payload = json.load(handle)
@@ -239,6 +256,39 @@ class AdapterHubMixin(PyTorchModelHubMixin):
         self.load_state_dict(state, strict=False)
 
 
+def card_kwargs_from_results(payload: dict[str, Any]) -> dict[str, Any]:
+    """Model-card arguments (see `cards.build_model_card`) from a run's results.json payload."""
+    summary = payload.get("summary", {})
+    manifest = payload.get("manifest", {})
+    results = {
+        "accuracy_matrix": payload.get("accuracy_matrix", {}).get("values"),
+        "average_accuracy": summary.get("average_accuracy"),
+        "forgetting_paper": summary.get("forgetting_paper"),
+        "forgetting_reference": summary.get("forgetting_reference"),
+        "bwt": summary.get("backward_transfer"),
+        "num_tasks": manifest.get("num_tasks", summary.get("num_tasks")),
+        "task_il_average_accuracy": summary.get("task_il", {}).get("average_accuracy"),
+        "class_order": manifest.get("class_order"),
+        "setting": payload.get("setting", "class-IL"),
+    }
+    return {
+        "results": results,
+        "recipe": payload.get("recipe"),
+        "class_names": manifest.get("class_names"),
+        "dataset_id": manifest.get("dataset"),
+        "plot_filenames": [name for name in RUN_FILES if name.endswith(".png")],
+    }
+
+
+def card_kwargs_from_run(output_dir: str | os.PathLike) -> dict[str, Any]:
+    """Model-card arguments from a training run's folder (its results.json), or {} without one."""
+    path = Path(output_dir) / "results.json"
+    if not path.exists():
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return card_kwargs_from_results(json.load(handle))
+
+
 def backbone_config_signature(model: nn.Module) -> dict[str, int] | None:
     """The shape facts an adapter depends on, read from a HF model's (vision) config."""
     config = getattr(model, "config", None)
@@ -252,28 +302,50 @@ def backbone_config_signature(model: nn.Module) -> dict[str, int] | None:
     }
 
 
-def load_base_model(config: PromptGradientProjectionConfig) -> nn.Module:
-    """Load the frozen backbone named in the config, with a clear error when it cannot be had."""
-    from .runner import resolve_builtin
+BUILTIN_PREFIX = "pgp_peft:"
+BUILTIN_MODELS = ("vit-tiny-patch4-32-cifar10",)
 
-    name, revision = resolve_builtin(config.base_model_name_or_path), config.revision
+
+def resolve_builtin(name: str | None) -> str | None:
+    """`pgp_peft:vit-tiny-patch4-32-cifar10` -> the backbone folder shipped inside the package."""
+    if name and name.startswith(BUILTIN_PREFIX):
+        key = name[len(BUILTIN_PREFIX) :]
+        if key not in BUILTIN_MODELS:
+            raise ValueError(
+                f"unknown built-in model {name!r}; available: {[BUILTIN_PREFIX + m for m in BUILTIN_MODELS]}"
+            )
+        return str(Path(__file__).resolve().parent / "demo_data" / key)
+    return name
+
+
+def load_backbone(
+    name: str | None, revision: str | None = None, config_overrides: dict[str, Any] | None = None
+):
+    """Load a frozen-backbone candidate (ViTModel without pooler, or CLIPModel) from a Hub id, a local
+    folder or a built-in name, with `config_overrides` (e.g. layer_norm_eps) applied to its config."""
+    name = resolve_builtin(name)
     if not name:
         raise ValueError(
             "no base model given: pass base_model=... or set config.base_model_name_or_path "
             "(e.g. 'google/vit-base-patch16-224-in21k')"
         )
-    from transformers import AutoConfig, AutoModel, CLIPModel, ViTModel
+    from transformers import AutoConfig, CLIPModel, ViTModel
 
     try:
-        backbone_config = AutoConfig.from_pretrained(name, revision=revision)
-        if backbone_config.model_type == "vit":
-            return ViTModel.from_pretrained(name, revision=revision, add_pooling_layer=False)
-        if backbone_config.model_type == "clip":
-            return CLIPModel.from_pretrained(name, revision=revision)
-        return AutoModel.from_pretrained(name, revision=revision)
+        config = AutoConfig.from_pretrained(name, revision=revision, **(config_overrides or {}))
+        if config.model_type == "vit":
+            return ViTModel.from_pretrained(name, revision=revision, config=config, add_pooling_layer=False)
+        if config.model_type == "clip":
+            return CLIPModel.from_pretrained(name, revision=revision, config=config)
     except OSError as error:
         raise OSError(
             f"could not load the base model {name!r} at revision {revision!r}: {error}\n"
             "If you are offline, load the backbone yourself and pass it: "
             "PGPModel.from_pretrained(repo, base_model=ViTModel.from_pretrained(local_dir))"
         ) from error
+    raise TypeError(f"base model {name!r} is a {config.model_type!r} model; pgp_peft supports ViT and CLIP")
+
+
+def load_base_model(config: PromptGradientProjectionConfig) -> nn.Module:
+    """The backbone recorded in an adapter config: base_model_name_or_path @ revision (+ base_model_kwargs)."""
+    return load_backbone(config.base_model_name_or_path, config.revision, config.base_model_kwargs)

@@ -347,7 +347,7 @@ class PGPModel(
             if self.config.preprocessing == "processor":
                 from transformers import AutoImageProcessor
 
-                from .runner import resolve_builtin
+                from .hub import resolve_builtin
 
                 kwargs["image_processor"] = AutoImageProcessor.from_pretrained(
                     resolve_builtin(self.config.base_model_name_or_path), revision=self.config.revision

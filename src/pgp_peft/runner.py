@@ -1,0 +1,553 @@
+"""Recipes: YAML files that describe one continual-learning run, and the code that runs them.
+
+`recipes/train_cl.py` is a thin entry point over `main()`. A recipe has five sections:
+
+    model:    base_model_name_or_path, revision, attn_implementation, layer_norm_eps
+    adapter:  PromptGradientProjectionConfig fields (`method` picks the preset)
+    data:     dataset (Hub id, local directory or `pgp_peft:fashion_mnist_demo`), columns, splits,
+              num_tasks, image_size, preprocessing (`reference` | `processor`), size limits
+    training: epochs, batch_size, base_lr (lr = base_lr * batch_size / 256), optimizer, schedule, ...
+    hub:      push_to_hub, hub_model_id, private, strategy (`end` | `every_task`)
+
+Any value can be overridden on the command line with `section.key=value` (or a bare `key=value`
+when the key name is unique across sections).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .hub import load_backbone, resolve_builtin
+
+logger = logging.getLogger("pgp_peft")
+
+SECTIONS = ("model", "adapter", "data", "training", "hub")
+DEMO_DATASET = "pgp_peft:fashion_mnist_demo"
+
+# Every recipe starts from these values; a recipe file only states what differs.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {
+        "base_model_name_or_path": "google/vit-base-patch16-224-in21k",
+        "revision": None,
+        "attn_implementation": None,
+        "layer_norm_eps": None,
+    },
+    "adapter": {"method": "l2p"},
+    "data": {
+        "dataset": DEMO_DATASET,
+        "train_split": "train",
+        "test_split": "test",
+        "image_column": "image",
+        "label_column": "label",
+        "holdout_fraction": None,
+        "holdout_seed": 0,
+        "num_tasks": 5,
+        "classes_per_task": None,
+        "class_order_seed": None,
+        "image_size": 224,
+        "preprocessing": "reference",
+        "augment": False,
+        "max_train_per_task": None,
+        "max_test_per_task": None,
+        "class_names": None,
+    },
+    "training": {
+        "epochs": 5,
+        "batch_size": 16,
+        "eval_batch_size": 64,
+        "base_lr": 0.03,
+        "optimizer": "adam",
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "lr_scheduler": "constant",
+        "max_grad_norm": 1.0,
+        "seed": 42,
+        "online": False,
+        "bf16": False,
+        "first_task_base_lr": None,
+        "first_task_weight_decay": None,
+        "logging_steps": 20,
+        "dataloader_num_workers": 0,
+        "use_cpu": False,
+    },
+    "hub": {"push_to_hub": False, "hub_model_id": None, "private": None, "strategy": "end", "token": None},
+}
+
+
+# ----------------------------------------------------------------------------- recipes
+def recipes_dir() -> Path:
+    """The recipe folder: $PGP_RECIPES_DIR, else `recipes/` of the source checkout."""
+    env = os.environ.get("PGP_RECIPES_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "recipes"
+
+
+def available_recipes(directory: Path | None = None) -> list[str]:
+    directory = directory or recipes_dir()
+    return sorted(path.stem for path in directory.glob("*.yaml"))
+
+
+def _merge(base: dict, update: dict, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (update or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, f"{where}.{key}")
+        else:
+            out[key] = value
+    return out
+
+
+def load_recipe(name_or_path: str, directory: Path | None = None) -> dict[str, Any]:
+    """Read a recipe by name (from the recipe folder) or path; unknown names list the valid ones."""
+    directory = directory or recipes_dir()
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = directory / f"{name_or_path}.yaml"
+    if not path.exists():
+        names = available_recipes(directory)
+        raise ValueError(f"unknown recipe {name_or_path!r}; available recipes: {', '.join(names)}")
+    with open(path, encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle) or {}
+    unknown = sorted(set(raw) - set(SECTIONS) - {"name", "description", "paper"})
+    if unknown:
+        raise ValueError(f"recipe {path}: unknown section(s) {unknown}; sections are {list(SECTIONS)}")
+    recipe = {section: _merge(DEFAULTS[section], raw.get(section, {}), section) for section in SECTIONS}
+    recipe["name"] = raw.get("name", path.stem)
+    recipe["description"] = raw.get("description", "")
+    recipe["paper"] = raw.get("paper", {})
+    return recipe
+
+
+def _valid_keys(recipe: dict[str, Any]) -> list[str]:
+    from .config import PromptGradientProjectionConfig
+
+    keys = [f"{section}.{key}" for section in SECTIONS for key in recipe[section]]
+    keys += [
+        f"adapter.{f}"
+        for f in PromptGradientProjectionConfig.__dataclass_fields__
+        if f"adapter.{f}" not in keys
+    ]
+    return keys
+
+
+def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` (or unique bare `key=value`) overrides; values are parsed as YAML.
+
+    Unknown keys raise `ValueError` naming the closest valid key; a value of the wrong type raises
+    `ValueError` naming the key.
+    """
+    recipe = copy.deepcopy(recipe)
+    valid = _valid_keys(recipe)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        key = key.strip().lstrip("-").replace("-", "_")
+        if "." not in key:
+            matches = [k for k in valid if k.split(".", 1)[1] == key]
+            if len(matches) == 1:
+                key = matches[0]
+            elif len(matches) > 1:
+                raise ValueError(f"override key {key!r} is ambiguous: use one of {matches}")
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1) or difflib.get_close_matches(
+                key, [k.split(".", 1)[1] for k in valid], n=1
+            )
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown override key {key!r}{hint}")
+        section, name = key.split(".", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"override {key}: cannot parse value {text!r}: {error}") from error
+        current = recipe[section].get(name)
+        recipe[section][name] = _check_type(key, _type_example(section, name, current), value)
+    return recipe
+
+
+# Keys whose default is None: an example of the type they take, so their overrides are type-checked too.
+_TYPE_EXAMPLES: dict[str, Any] = {
+    "model.layer_norm_eps": 1e-6,
+    "data.holdout_fraction": 0.2,
+    "data.classes_per_task": 1,
+    "data.class_order_seed": 0,
+    "data.max_train_per_task": 1,
+    "data.max_test_per_task": 1,
+    "data.class_names": [],
+    "training.first_task_base_lr": 0.1,
+    "training.first_task_weight_decay": 0.1,
+    "hub.private": False,
+}
+
+
+def _type_example(section: str, name: str, current: Any) -> Any:
+    """The value an override of `section.name` is type-checked against (None: any type)."""
+    if current is not None:
+        return current
+    if f"{section}.{name}" in _TYPE_EXAMPLES:
+        return _TYPE_EXAMPLES[f"{section}.{name}"]
+    if section == "adapter":  # a config field the recipe does not set: its dataclass default
+        import dataclasses
+
+        from .config import PromptGradientProjectionConfig
+
+        field = PromptGradientProjectionConfig.__dataclass_fields__.get(name)
+        if field is not None and field.default is not dataclasses.MISSING:
+            return field.default
+        if field is not None and field.default_factory is not dataclasses.MISSING:
+            return field.default_factory()
+    return None
+
+
+def _check_type(key: str, current: Any, value: Any) -> Any:
+    if current is None or value is None:
+        return value
+    if isinstance(current, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-3` (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"override {key}: expected true/false, got {value!r}")
+        return value
+    if isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"override {key}: expected an integer, got {value!r}")
+        return value
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"override {key}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(current, str) and not isinstance(value, str):
+        return str(value)
+    if isinstance(current, list) and not isinstance(value, list):
+        raise ValueError(f"override {key}: expected a list like [0, 1], got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- building blocks
+def build_backbone_model(model_section: dict[str, Any]):
+    """Load the frozen backbone named by the recipe (Hub id, local folder or built-in)."""
+    return load_backbone(
+        model_section["base_model_name_or_path"],
+        model_section.get("revision"),
+        _backbone_kwargs(model_section),
+    )
+
+
+def _backbone_kwargs(model_section: dict[str, Any]) -> dict[str, Any]:
+    if model_section.get("layer_norm_eps") is None:
+        return {}
+    return {"layer_norm_eps": float(model_section["layer_norm_eps"])}
+
+
+def build_datasets(
+    data: dict[str, Any],
+    model_section: dict[str, Any] | None = None,
+    output_dir: str | os.PathLike | None = None,
+):
+    """(splits, train_transform, eval_transform) for the recipe's data section.
+
+    `preprocessing: processor` uses the backbone checkpoint's own image processor (resize + its
+    normalisation); `reference` resizes to [0, 1] without normalisation, as the paper's code."""
+    from .data import build_transform, load_demo_dataset, load_image_dataset, make_class_incremental_splits
+
+    if data["dataset"] == DEMO_DATASET:
+        train, test = load_demo_dataset()
+        image_column, label_column = "image", "label"
+    else:
+        train, test = load_image_dataset(
+            data["dataset"],
+            train_split=data["train_split"],
+            test_split=data["test_split"],
+            image_column=data["image_column"],
+            label_column=data["label_column"],
+            holdout_fraction=data["holdout_fraction"],
+            holdout_seed=data["holdout_seed"],
+            # ImageNet-R's single split is cut 80/20 here: keep the index manifest with the run.
+            manifest_path=Path(output_dir) / "holdout_manifest.json"
+            if output_dir and data["holdout_fraction"]
+            else None,
+        )
+        image_column, label_column = data["image_column"], data["label_column"]
+    splits = make_class_incremental_splits(
+        train,
+        test,
+        num_tasks=data["num_tasks"],
+        image_column=image_column,
+        label_column=label_column,
+        class_order_seed=data["class_order_seed"],
+        classes_per_task=data["classes_per_task"],
+        dataset_id=data["dataset"],
+    )
+    if data["max_train_per_task"] or data["max_test_per_task"]:
+        splits = _limit_splits(splits, data["max_train_per_task"], data["max_test_per_task"], seed=0)
+    if data.get("class_names"):
+        splits.class_names = list(data["class_names"])
+    size = data["image_size"]
+    processor_kwargs: dict[str, Any] = {"mode": data["preprocessing"]}
+    if data["preprocessing"] == "processor":
+        from transformers import AutoImageProcessor
+
+        name = resolve_builtin((model_section or {}).get("base_model_name_or_path"))
+        try:
+            processor_kwargs["image_processor"] = AutoImageProcessor.from_pretrained(
+                name, revision=(model_section or {}).get("revision")
+            )
+        except OSError as error:
+            raise OSError(
+                f"data.preprocessing=processor: no image processor for {name!r} ({error}); "
+                "use data.preprocessing=reference or a local checkpoint folder with preprocessor_config.json"
+            ) from error
+    train_transform = build_transform(
+        size, image_column=image_column, train=True, augment=data["augment"], **processor_kwargs
+    )
+    eval_transform = build_transform(size, image_column=image_column, **processor_kwargs)
+    return splits, train_transform, eval_transform
+
+
+def _limit_splits(splits, max_train: int | None, max_test: int | None, seed: int):
+    """Keep a seeded, class-balanced-enough subset of each task (for quick runs and tests)."""
+    import numpy as np
+
+    def cut(datasets_, limit):
+        if not limit:
+            return datasets_
+        out = []
+        for ds in datasets_:
+            if len(ds) > limit:
+                rng = np.random.default_rng(seed)
+                ds = ds.select(sorted(rng.permutation(len(ds))[:limit].tolist()))
+            out.append(ds)
+        return out
+
+    splits.train = cut(splits.train, max_train)
+    splits.test = cut(splits.test, max_test)
+    return splits
+
+
+def build_adapter_config(recipe: dict[str, Any], num_classes: int, class_names: list[str] | None):
+    from .config import PromptGradientProjectionConfig
+
+    values = dict(recipe["adapter"])
+    method = values.pop("method", "l2p")
+    preset = getattr(PromptGradientProjectionConfig, method, None)
+    if preset is None or method not in ("l2p", "dualprompt", "clip"):
+        raise ValueError(f"adapter.method: unknown method {method!r}; expected l2p, dualprompt or clip")
+    values.setdefault("num_classes", num_classes)
+    if method == "clip":
+        values.setdefault("class_names", class_names)
+    values.setdefault("preprocessing", recipe["data"]["preprocessing"])
+    values.setdefault("num_tasks", recipe["data"]["num_tasks"])
+    values["base_model_name_or_path"] = recipe["model"]["base_model_name_or_path"]
+    values["base_model_kwargs"] = _backbone_kwargs(recipe["model"])
+    values["revision"] = recipe["model"]["revision"]
+    return preset(**values)
+
+
+def build_training_arguments(recipe: dict[str, Any], output_dir: str):
+    from transformers import TrainingArguments
+
+    training = recipe["training"]
+    lr = training["base_lr"] * training["batch_size"] / 256
+    optim = {"adam": "adamw_torch", "sgd": "sgd"}.get(training["optimizer"])
+    if optim is None:
+        raise ValueError(f"training.optimizer: expected adam or sgd, got {training['optimizer']!r}")
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=training["batch_size"],
+        per_device_eval_batch_size=training["eval_batch_size"],
+        num_train_epochs=1 if training["online"] else training["epochs"],
+        learning_rate=lr,
+        weight_decay=training["weight_decay"],
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        optim=optim,
+        optim_args=f"momentum={training['momentum']}" if optim == "sgd" else None,
+        lr_scheduler_type=training["lr_scheduler"],
+        max_grad_norm=training["max_grad_norm"],
+        seed=training["seed"],
+        bf16=training["bf16"],
+        logging_steps=training["logging_steps"],
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=training["dataloader_num_workers"],
+        use_cpu=training["use_cpu"],
+        disable_tqdm=False,
+    )
+
+
+def first_task_arguments(recipe: dict[str, Any]) -> dict[str, Any]:
+    training = recipe["training"]
+    out: dict[str, Any] = {}
+    if training.get("first_task_base_lr") is not None:
+        out["learning_rate"] = training["first_task_base_lr"] * training["batch_size"] / 256
+    if training.get("first_task_weight_decay") is not None:
+        out["weight_decay"] = training["first_task_weight_decay"]
+    return out
+
+
+# ----------------------------------------------------------------------------- running
+def run_recipe(
+    recipe: dict[str, Any],
+    output_dir: str,
+    *,
+    resume: bool = False,
+    backbone=None,
+    tokenizer=None,
+):
+    """Run a recipe end to end; returns (model, result). Saves the adapter, results.json and plots."""
+    from .metrics import format_matrix
+    from .model import get_pgp_model
+    from .trainer import ContinualTrainer
+
+    _check_hub(recipe["hub"])  # before any training: a bad hub setting must not cost a run
+    splits, train_transform, eval_transform = build_datasets(recipe["data"], recipe["model"], output_dir)
+    config = build_adapter_config(recipe, splits.num_classes, splits.class_names)
+    if backbone is None:
+        backbone = build_backbone_model(recipe["model"])
+    model_kwargs = {"tokenizer": tokenizer} if (config.method == "clip" and tokenizer is not None) else {}
+    model = get_pgp_model(
+        backbone, config, attn_implementation=recipe["model"]["attn_implementation"], **model_kwargs
+    )
+    args = build_training_arguments(recipe, output_dir)
+    trainer = ContinualTrainer(
+        model,
+        args,
+        splits=splits,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+        first_task_args=first_task_arguments(recipe),
+        online=recipe["training"]["online"],
+        task_end_callbacks=_hub_callbacks(recipe),
+        recipe=recipe,
+    )
+    result = trainer.train_continual(resume_from_checkpoint=resume or None)
+    if trainer.is_world_process_zero():
+        model.save_pretrained(output_dir, model_card_kwargs=trainer.model_card_kwargs(result))
+        print(
+            f"\n== {recipe['name']}: class-incremental accuracy matrix (rows: task evaluated, columns: after task)"
+        )
+        print(format_matrix(result.accuracy.values))
+        summary = result.summary
+        print(
+            f"average accuracy {summary['average_accuracy']:.2f} | forgetting (paper) "
+            f"{summary['forgetting_paper']:.2f} | forgetting (reference code) {summary['forgetting_reference']:.2f}"
+            f" | task-IL average accuracy {summary['task_il']['average_accuracy']:.2f}"
+        )
+        print(f"saved adapter, results.json and plots to {output_dir}")
+        if recipe["hub"]["push_to_hub"] and recipe["hub"]["strategy"] == "end":
+            _push(
+                model, recipe, trainer, result, f"pgp_peft: {recipe['name']} after {splits.num_tasks} tasks"
+            )
+    return model, result
+
+
+def _check_hub(hub: dict[str, Any]) -> None:
+    if hub["strategy"] not in ("end", "every_task"):
+        raise ValueError(f"hub.strategy: expected 'end' or 'every_task', got {hub['strategy']!r}")
+    if hub["push_to_hub"] and not hub["hub_model_id"]:
+        raise ValueError("hub.hub_model_id: required with push_to_hub (e.g. your-name/l2p-pgp-cifar100)")
+
+
+def _push(model, recipe, trainer, result, message: str) -> None:
+    hub = recipe["hub"]
+    _check_hub(hub)
+    model.push_to_hub(
+        hub["hub_model_id"],
+        private=hub["private"],
+        token=hub["token"],
+        commit_message=message,
+        output_dir=trainer.args.output_dir,
+        model_card_kwargs=trainer.model_card_kwargs(result),
+    )
+
+
+def _hub_callbacks(recipe: dict[str, Any]) -> list:
+    if not (recipe["hub"]["push_to_hub"] and recipe["hub"]["strategy"] == "every_task"):
+        return []
+
+    def push_after_task(trainer, task_id: int, result) -> None:
+        if trainer.is_world_process_zero():
+            _push(
+                trainer.model, recipe, trainer, result, f"pgp_peft: {recipe['name']} after task {task_id + 1}"
+            )
+
+    return [push_after_task]
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description="Continual learning with Prompt Gradient Projection (L2P / DualPrompt / CLIP).",
+        epilog="Overrides: section.key=value, e.g. training.epochs=1 adapter.pool_size=20",
+    )
+    parser.add_argument("--recipe", default="demo", help="recipe name (see --list) or path to a YAML file")
+    parser.add_argument("--output_dir", default=None, help="default: outputs/<recipe>")
+    parser.add_argument(
+        "--no-pgp", dest="no_pgp", action="store_true", help="the baseline: no gradient projection"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the latest per-task checkpoint")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", default=None)
+    parser.add_argument("--hub_private", action="store_true")
+    parser.add_argument(
+        "--hub_strategy", choices=("end", "every_task"), default=None, help="push once, or a commit per task"
+    )
+    parser.add_argument("--list", action="store_true", help="list the recipes and exit")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, unknown = parse_args(argv)
+    overrides = list(args.overrides)
+    for item in unknown:  # accept --key=value too
+        if item.startswith("--") and "=" in item:
+            overrides.append(item[2:])
+        else:
+            raise SystemExit(f"unrecognised argument {item!r}")
+    if args.list:
+        for name in available_recipes():
+            print(name)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        recipe = apply_overrides(load_recipe(args.recipe), overrides)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    if args.no_pgp:
+        recipe["adapter"]["use_pgp"] = False
+    if args.push_to_hub:
+        recipe["hub"]["push_to_hub"] = True
+    if args.hub_model_id:
+        recipe["hub"]["hub_model_id"] = args.hub_model_id
+    if args.hub_private:
+        recipe["hub"]["private"] = True
+    if args.hub_strategy:
+        recipe["hub"]["strategy"] = args.hub_strategy
+    try:
+        _check_hub(recipe["hub"])
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    output_dir = args.output_dir or os.path.join(
+        "outputs", recipe["name"] + ("_baseline" if args.no_pgp else "")
+    )
+    run_recipe(recipe, output_dir, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

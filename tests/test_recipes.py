@@ -1,0 +1,495 @@
+"""Every recipe in recipes/*.yaml runs, on tiny stand-ins, through the same code as `train_cl.py`.
+
+The recipes name ViT-B/CLIP checkpoints and Hub datasets that are not reachable here, so each is pointed
+(with ordinary `section.key=value` overrides) at a tiny ViT / tiny CLIP and a 20-class imagefolder
+written by `tiny_assets.py`, for one short epoch. Everything the paper fixes (method, pool sizes, prompt
+lengths and layers, head, pull coefficient, optimizer, schedule, learning rate rule, task count) is left
+as the recipe states it and checked to reach the adapter config and the TrainingArguments.
+
+Cost, measured on the shared 2-core machine: a full run is ~0.5-1.5 s per task, so every recipe gets
+datasets + config + model + TrainingArguments + a first-task training step, and a representative subset
+(the demo, L2P, DualPrompt on ImageNet-R's single-split layout, CLIP, an online and a 20-task recipe)
+runs end to end through `run_recipe`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from tiny_assets import CLASS_NAMES, IMAGE_SIZE, build_assets, class_image, tiny_png, torch_threads
+
+from pgp_peft import PGPModel
+from pgp_peft.model import get_pgp_model
+from pgp_peft.runner import (
+    apply_overrides,
+    available_recipes,
+    build_adapter_config,
+    build_backbone_model,
+    build_datasets,
+    build_training_arguments,
+    first_task_arguments,
+    load_recipe,
+    main,
+    recipes_dir,
+    run_recipe,
+)
+
+L2P = ["l2p_cifar100_10", "l2p_cifar100_20", "l2p_cub200", "l2p_imr", "l2p_tinyimagenet"]
+DUALPROMPT = [
+    "dualprompt_cifar100_10",
+    "dualprompt_cifar100_20",
+    "dualprompt_cub200",
+    "dualprompt_imr",
+    "dualprompt_tinyimagenet",
+]
+ONLINE = [
+    f"{method}_{data}_online"
+    for method in ("l2p", "dualprompt")
+    for data in ("cifar100_10", "cifar100_20", "tinyimagenet")
+]
+ALL_RECIPES = sorted([*L2P, *DUALPROMPT, *ONLINE, "clip_cifar100_10", "demo"])
+# End to end through run_recipe: one of each kind (the rest get the one-step test below).
+FULL_PIPELINE = [
+    "demo",
+    "l2p_cifar100_10",
+    "dualprompt_imr",
+    "clip_cifar100_10",
+    "l2p_tinyimagenet_online",
+    "dualprompt_cifar100_20",
+]
+# Overridden to fit the stand-ins; every other recipe value must survive.
+OVERRIDDEN = {
+    "model": {"base_model_name_or_path"},
+    "data": {
+        "dataset",
+        "image_column",
+        "label_column",
+        "train_split",
+        "test_split",
+        "holdout_fraction",
+        "image_size",
+        "max_train_per_task",
+        "max_test_per_task",
+    },
+    "training": {"epochs", "batch_size", "eval_batch_size", "use_cpu", "logging_steps"},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return build_assets(tmp_path_factory)
+
+
+@pytest.fixture
+def fast_plots(monkeypatch):
+    """The trainer's per-task PNG plots, replaced by a 2x2 PNG (real plots: the CLI demo test)."""
+    import pgp_peft.trainer
+
+    monkeypatch.setattr(pgp_peft.trainer, "plot_accuracy_matrix", tiny_png)
+    monkeypatch.setattr(pgp_peft.trainer, "plot_accuracy_curves", tiny_png)
+
+
+@pytest.fixture
+def restore_logging():
+    """`main()` configures logging; keep the root logger as it was for the other tests."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers
+
+
+def raw_yaml(name: str) -> dict[str, Any]:
+    """The recipe file as written (not through load_recipe), to compare against."""
+    with open(recipes_dir() / f"{name}.yaml", encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def tiny_recipe(name: str, assets, *extra: str) -> dict[str, Any]:
+    recipe = load_recipe(name)
+    return apply_overrides(recipe, [*assets.overrides(recipe), *extra])
+
+
+def is_clip(name: str) -> bool:
+    return raw_yaml(name)["adapter"]["method"] == "clip"
+
+
+def pixels(batch: int = 4) -> torch.Tensor:
+    return torch.rand(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(7))
+
+
+def assert_recipe_values_survive(name: str, recipe: dict[str, Any]) -> None:
+    """Everything the YAML states and the tiny overrides do not touch is unchanged in the recipe dict."""
+    raw = raw_yaml(name)
+    for section in ("model", "adapter", "data", "training", "hub"):
+        for key, value in (raw.get(section) or {}).items():
+            if key in OVERRIDDEN.get(section, set()):
+                continue
+            assert recipe[section][key] == value, f"{name}: {section}.{key} changed"
+
+
+def assert_config_matches_yaml(name: str, config: dict[str, Any]) -> None:
+    """The adapter's paper-facing values (every adapter key of the YAML) reach the saved config."""
+    for key, value in raw_yaml(name)["adapter"].items():
+        assert config[key] == value, f"{name}: adapter.{key} = {config[key]!r}, the recipe says {value!r}"
+
+
+# ----------------------------------------------------------------------------- the recipe list
+def test_all_recipes_are_available():
+    names = available_recipes()
+    assert names == ALL_RECIPES
+    assert len(names) == 18
+    for name in names:
+        raw = raw_yaml(name)
+        assert raw["name"] == name
+        recipe = load_recipe(name)
+        assert recipe["name"] == name and recipe["description"]
+        family = {"clip": "clip", "demo": "dualprompt"}.get(name.split("_")[0], name.split("_")[0])
+        assert recipe["adapter"]["method"] == family
+        assert recipe["training"]["online"] is (name in ONLINE)
+        assert recipe["data"]["num_tasks"] in (5, 10, 20)
+        assert len(CLASS_NAMES) % recipe["data"]["num_tasks"] == 0  # the stand-in data fits every recipe
+
+
+# ----------------------------------------------------------------------------- every recipe: build + one step
+@pytest.mark.parametrize("name", ALL_RECIPES)
+def test_recipe_builds_and_trains_a_step(name, assets, tmp_path, fast_plots):
+    """Datasets, adapter config, backbone, model and TrainingArguments from the recipe; one training step."""
+    from pgp_peft.trainer import ContinualTrainer
+
+    raw = raw_yaml(name)
+    recipe = tiny_recipe(name, assets)
+    assert_recipe_values_survive(name, recipe)
+
+    splits, train_transform, eval_transform = build_datasets(recipe["data"], recipe["model"])
+    num_tasks = raw["data"]["num_tasks"]
+    assert splits.num_tasks == num_tasks and splits.num_classes == len(CLASS_NAMES)
+    assert splits.class_names == CLASS_NAMES
+    assert all(len(classes) == len(CLASS_NAMES) // num_tasks for classes in splits.task_classes)
+    assert eval_transform.mode == raw["data"]["preprocessing"]
+    assert train_transform.augment is bool(raw["data"].get("augment", False))
+    if eval_transform.mode == "processor":  # the checkpoint's own image processor (here 16 px)
+        batch = eval_transform({"image": [class_image(0, 0)]})
+        assert batch["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+    config = build_adapter_config(recipe, splits.num_classes, splits.class_names)
+    assert_config_matches_yaml(name, config.to_dict())
+    assert config.base_model_name_or_path == str(assets.clip if is_clip(name) else assets.vit)
+    if config.method == "clip":
+        assert config.class_names == CLASS_NAMES
+
+    backbone = build_backbone_model(recipe["model"])
+    if "layer_norm_eps" in raw["model"]:
+        eps = (
+            backbone.config.vision_config.layer_norm_eps if is_clip(name) else backbone.config.layer_norm_eps
+        )
+        assert eps == raw["model"]["layer_norm_eps"]
+    model = get_pgp_model(backbone, config, attn_implementation=recipe["model"]["attn_implementation"])
+
+    training = raw["training"]
+    args = build_training_arguments(recipe, str(tmp_path))
+    assert args.learning_rate == pytest.approx(training["base_lr"] * 4 / 256)
+    assert args.optim.value == {"adam": "adamw_torch", "sgd": "sgd"}[training["optimizer"]]
+    assert args.lr_scheduler_type.value == training["lr_scheduler"]
+    assert args.max_grad_norm == training["max_grad_norm"]
+    assert args.weight_decay == training.get("weight_decay", 0.0)
+    assert args.num_train_epochs == 1  # tiny run; online recipes are one pass anyway
+    assert args.remove_unused_columns is False and args.use_cpu is True
+    first = first_task_arguments(recipe)
+    if "first_task_base_lr" in training:
+        assert first["learning_rate"] == pytest.approx(training["first_task_base_lr"] * 4 / 256)
+    if "first_task_weight_decay" in training:
+        assert first["weight_decay"] == training["first_task_weight_decay"]
+
+    args.max_steps = 1
+    trainer = ContinualTrainer(
+        model,
+        args,
+        splits=splits,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+        first_task_args=first,
+        online=recipe["training"]["online"],
+        recipe=recipe,
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    first_task = dataclasses.replace(
+        splits, train=splits.train[:1], test=splits.test[:1], task_classes=splits.task_classes[:1]
+    )
+    result = trainer.train_continual(first_task)
+
+    assert trainer.state.global_step >= 1
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert changed, f"{name}: no trainable parameter changed in one step"
+    assert not any(n.startswith("backbone.") for n in before), "the backbone must stay frozen"
+    groups = trainer.optimizer.param_groups
+    assert groups[0]["initial_lr"] == pytest.approx(first.get("learning_rate", args.learning_rate))
+    assert max(g["weight_decay"] for g in groups) == pytest.approx(
+        first.get("weight_decay", training.get("weight_decay", 0.0))
+    )
+    if training["optimizer"] == "sgd":
+        assert groups[0]["momentum"] == training["momentum"]
+    assert result.accuracy.values.shape == (1, 1)
+    assert model.memory.is_empty() is (not raw["adapter"]["use_pgp"])  # bases after the first task
+
+
+# ----------------------------------------------------------------------------- representative: end to end
+@pytest.mark.parametrize("name", FULL_PIPELINE)
+def test_recipe_runs_end_to_end(name, assets, tmp_path, fast_plots):
+    raw = raw_yaml(name)
+    num_tasks = raw["data"]["num_tasks"]
+    recipe = tiny_recipe(name, assets)
+    out = tmp_path / "run"
+    model, result = run_recipe(recipe, str(out))
+
+    # results.json: an accuracy matrix of num_tasks x num_tasks (row = task, column = after task)
+    results = json.loads((out / "results.json").read_text())
+    matrix = results["accuracy_matrix"]["values"]
+    assert len(matrix) == num_tasks and all(len(row) == num_tasks for row in matrix)
+    for i, row in enumerate(matrix):
+        assert all(value is None for value in row[:i]), "a task cannot be evaluated before it is trained"
+        assert all(value is not None and 0.0 <= value <= 100.0 for value in row[i:])
+    assert result.accuracy.values.shape == (num_tasks, num_tasks)
+    assert results["manifest"]["num_tasks"] == num_tasks
+    assert results["manifest"]["class_names"] == CLASS_NAMES
+    assert len(results["memory_ranks"]) == num_tasks
+    for plot in ("accuracy_matrix.png", "accuracy_curves.png"):
+        assert (out / plot).is_file()
+    assert (out / f"checkpoint-task-{num_tasks - 1}" / "continual_state.json").is_file()
+
+    # the adapter: config.json (pgp_peft), weights, model card; never the backbone
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["library_name"] == "pgp_peft"
+    assert_config_matches_yaml(name, saved)
+    assert saved["num_classes"] == len(CLASS_NAMES) and saved["class_names"] == CLASS_NAMES
+    assert saved["base_model_name_or_path"] == str(assets.clip if is_clip(name) else assets.vit)
+    assert (out / "model.safetensors").stat().st_size > 0
+    from safetensors.torch import load_file
+
+    assert not any(key.startswith("backbone.") for key in load_file(str(out / "model.safetensors")))
+    card = (out / "README.md").read_text()
+    assert "library_name: pgp_peft" in card
+    assert f"| task | {' | '.join(f'after {t}' for t in range(num_tasks))} |" in card
+
+    # reload on a fresh copy of the backbone, built as the recipe builds it (layer_norm_eps included):
+    # identical logits and identical bases
+    loaded = PGPModel.from_pretrained(out, base_model=build_backbone_model(recipe["model"]))
+    assert type(loaded) is type(model)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(pixels()).logits, model(pixels()).logits)
+    assert loaded.memory.ranks() == model.memory.ranks() == results["memory_ranks"][-1]
+    assert loaded.num_tasks_seen == num_tasks
+
+
+def test_adapter_reloads_with_the_recipes_layer_norm_eps(assets, tmp_path):
+    recipe = tiny_recipe("l2p_cifar100_10", assets)
+    assert recipe["model"]["layer_norm_eps"] == 1e-6
+    backbone = build_backbone_model(recipe["model"])
+    assert backbone.config.layer_norm_eps == 1e-6
+    config = build_adapter_config(recipe, len(CLASS_NAMES), CLASS_NAMES)
+    torch.manual_seed(0)
+    model = get_pgp_model(backbone, config).eval()
+    model.register_task_classes(0, range(len(CLASS_NAMES)))
+    model.save_pretrained(tmp_path / "adapter")
+
+    loaded = PGPModel.from_pretrained(tmp_path / "adapter")  # backbone from the recorded base model
+    assert loaded.backbone.model.config.layer_norm_eps == 1e-6
+    with torch.no_grad():
+        assert torch.equal(loaded(pixels()).logits, model(pixels()).logits)
+
+
+# ----------------------------------------------------------------------------- the CLI on the real demo
+def test_demo_recipe_runs_through_the_cli(tmp_path, capsys, restore_logging):
+    """`python recipes/train_cl.py` path: the shipped Fashion-MNIST subset and shipped tiny backbone."""
+    out = tmp_path / "demo"
+    code = main(
+        [
+            "--recipe",
+            "demo",
+            "--output_dir",
+            str(out),
+            "data.max_train_per_task=40",
+            "data.max_test_per_task=20",
+            "training.epochs=1",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "== demo: class-incremental accuracy matrix" in printed
+    assert "after 0  after 1  after 2  after 3  after 4" in printed
+    assert "average accuracy" in printed and "forgetting (paper)" in printed
+    assert f"saved adapter, results.json and plots to {out}" in printed
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["manifest"]["dataset"] == "pgp_peft:fashion_mnist_demo"
+    assert results["manifest"]["train_sizes"] == [40] * 5 and results["manifest"]["test_sizes"] == [20] * 5
+    for plot in ("accuracy_matrix.png", "accuracy_curves.png"):  # the real matplotlib plots
+        with Image.open(out / plot) as image:
+            assert image.format == "PNG" and min(image.size) > 100
+
+    # The recorded backbone is the built-in one: loading needs no base_model, and predicts class names.
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["base_model_name_or_path"] == "pgp_peft:vit-tiny-patch4-32-cifar10"
+    loaded = PGPModel.from_pretrained(out)
+    from pgp_peft.data import load_demo_dataset
+
+    _, test = load_demo_dataset()
+    names = loaded.predict([test[i]["image"] for i in range(3)])
+    assert len(names) == 3 and set(names) <= set(saved["class_names"])
+
+
+# ----------------------------------------------------------------------------- CLI: bad input
+def test_unknown_recipe_lists_the_valid_names(restore_logging):
+    with pytest.raises(ValueError, match="unknown recipe 'l2p_cifar'") as excinfo:
+        load_recipe("l2p_cifar")
+    assert all(name in str(excinfo.value) for name in ALL_RECIPES)
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--recipe", "l2p_cifar"])
+    assert all(name in str(excinfo.value.code) for name in ALL_RECIPES)
+
+
+def test_list_prints_every_recipe(capsys):
+    assert main(["--list"]) == 0
+    assert capsys.readouterr().out.split() == ALL_RECIPES
+
+
+@pytest.mark.parametrize(
+    ("override", "closest"),
+    [
+        ("training.epoch=1", "training.epochs"),
+        ("epoch=1", "epochs"),
+        ("adapter.pool_sise=4", "adapter.pool_size"),
+        ("adapter.prompt_treshold=0.9", "adapter.prompt_threshold"),  # a config field the recipe omits
+        ("data.num_task=5", "data.num_tasks"),
+    ],
+)
+def test_unknown_override_key_names_the_closest_valid_key(override, closest, restore_logging):
+    with pytest.raises(ValueError, match=f"did you mean '{closest}'"):
+        apply_overrides(load_recipe("l2p_cifar100_10"), [override])
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--recipe", "l2p_cifar100_10", override])
+    assert closest in str(excinfo.value.code)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "training.epochs=abc",
+        "training.base_lr=fast",
+        "training.use_cpu=maybe",
+        "data.num_tasks=[1, 2]",
+        "adapter.g_prompt_layers=3",
+        # keys whose recipe value is None are type-checked too (runner fix)
+        "adapter.prompt_threshold=abc",
+        "data.max_train_per_task=many",
+        "hub.private=maybe",
+    ],
+)
+def test_bad_override_value_names_the_key(override, restore_logging):
+    key = override.split("=", 1)[0]
+    with pytest.raises(ValueError, match=f"override {key}: expected"):
+        apply_overrides(load_recipe("demo"), [override])
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--recipe", "demo", override])
+    assert key in str(excinfo.value.code)
+
+
+def test_override_values_are_parsed_and_typed():
+    recipe = apply_overrides(
+        load_recipe("l2p_cifar100_10"),
+        [
+            "training.base_lr=1e-3",  # YAML 1.1 reads this as a string: accepted as a number (runner fix)
+            "model.layer_norm_eps=1e-5",
+            "adapter.prompt_threshold=1",
+            "top_k=3",  # a bare key that is unique across sections
+            "adapter.e_prompt_layers=[2, 3]",
+            "data.holdout_fraction=null",
+            "--training.epochs=2",
+        ],
+    )
+    assert recipe["training"]["base_lr"] == 1e-3 and isinstance(recipe["training"]["base_lr"], float)
+    assert recipe["model"]["layer_norm_eps"] == 1e-5
+    assert recipe["adapter"]["prompt_threshold"] == 1.0
+    assert recipe["adapter"]["top_k"] == 3 and recipe["adapter"]["e_prompt_layers"] == [2, 3]
+    assert recipe["data"]["holdout_fraction"] is None and recipe["training"]["epochs"] == 2
+    with pytest.raises(ValueError, match="not of the form key=value"):
+        apply_overrides(recipe, ["training.epochs"])
+
+
+def test_cli_flags_reach_the_recipe(monkeypatch, restore_logging):
+    """--no-pgp (the baseline), hub flags and --key=value overrides, without training."""
+    import pgp_peft.runner as runner
+
+    calls: list[tuple[dict, str]] = []
+    monkeypatch.setattr(
+        runner, "run_recipe", lambda recipe, output_dir, **kw: calls.append((recipe, output_dir))
+    )
+
+    assert main(["--recipe", "l2p_cifar100_10", "--no-pgp", "--training.epochs=1"]) == 0
+    recipe, output_dir = calls[-1]
+    assert recipe["adapter"]["use_pgp"] is False
+    assert build_adapter_config(recipe, 100, None).use_pgp is False
+    assert recipe["training"]["epochs"] == 1
+    assert Path(output_dir) == Path("outputs") / "l2p_cifar100_10_baseline"
+
+    assert main(["--recipe", "dualprompt_imr"]) == 0
+    assert calls[-1][0]["adapter"]["use_pgp"] is True
+    assert Path(calls[-1][1]) == Path("outputs") / "dualprompt_imr"
+
+    args = ["--recipe", "demo", "--push_to_hub", "--hub_model_id", "me/x", "--hub_private"]
+    assert main([*args, "--hub_strategy", "every_task"]) == 0
+    hub = calls[-1][0]["hub"]
+    assert hub == {
+        **hub,
+        "push_to_hub": True,
+        "hub_model_id": "me/x",
+        "private": True,
+        "strategy": "every_task",
+    }
+
+    with pytest.raises(SystemExit, match="unrecognised argument '--frobnicate'"):
+        main(["--recipe", "demo", "--frobnicate"])
+
+
+def test_bad_hub_settings_fail_before_training(monkeypatch, assets, tmp_path, restore_logging):
+    """A push without a repo id, or an unknown strategy, is refused up front, not after the run (runner fix)."""
+    import pgp_peft.runner as runner
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(runner, "build_datasets", no_data)
+    with pytest.raises(SystemExit, match="hub.hub_model_id: required with push_to_hub"):
+        main(["--recipe", "demo", "--push_to_hub"])
+    recipe = apply_overrides(load_recipe("demo"), ["hub.push_to_hub=true", "hub.hub_model_id=me/x"])
+    with pytest.raises(ValueError, match="hub.strategy: expected 'end' or 'every_task', got 'every-task'"):
+        run_recipe(apply_overrides(recipe, ["hub.strategy=every-task"]), str(tmp_path))
+    with pytest.raises(ValueError, match="hub.hub_model_id: required"):
+        run_recipe(apply_overrides(recipe, ["hub.hub_model_id=null"]), str(tmp_path))
+
+
+def test_recipe_file_with_unknown_section_is_rejected(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\nadapter: {method: l2p}\noptimizer: {lr: 1}\n")
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['optimizer'\]"):
+        load_recipe(str(path))
+    path.write_text("adapter: {method: l2p, pool_size: 4}\ndata: {num_tasks: 2}\n")
+    recipe = load_recipe(str(path))
+    assert recipe["name"] == "mine" and recipe["adapter"]["pool_size"] == 4
+    assert recipe["training"]["epochs"] == 5  # defaults fill what the file does not state
