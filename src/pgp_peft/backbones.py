@@ -98,7 +98,10 @@ def _prefixed_attention(base: Callable) -> Callable:
     return attention
 
 
-PGP_ATTENTION = {"pgp_sdpa": ("sdpa", sdpa_attention_forward, sdpa_mask), "pgp_eager": ("eager", eager_attention, eager_mask)}
+PGP_ATTENTION = {
+    "pgp_sdpa": ("sdpa", sdpa_attention_forward, sdpa_mask),
+    "pgp_eager": ("eager", eager_attention, eager_mask),
+}
 for _name, (_, _fn, _mask) in PGP_ATTENTION.items():
     AttentionInterface.register(_name, _prefixed_attention(_fn))
     AttentionMaskInterface.register(_name, _mask)
@@ -146,7 +149,9 @@ class VisionBackbone(nn.Module):
         if attn_implementation is None:
             attn_implementation = "pgp_eager" if current in ("eager", "pgp_eager") else "pgp_sdpa"
         if attn_implementation not in PGP_ATTENTION:
-            raise ValueError(f"attn_implementation must be one of {list(PGP_ATTENTION)}, got {attn_implementation!r}")
+            raise ValueError(
+                f"attn_implementation must be one of {list(PGP_ATTENTION)}, got {attn_implementation!r}"
+            )
         # set_attn_implementation mutates the config in place: only the vision tower's own config.
         vision.set_attn_implementation(attn_implementation)
         self.attn_implementation = attn_implementation

@@ -116,7 +116,9 @@ class L2PPromptPool(nn.Module):
         self.pool_size, self.length, self.top_k = pool_size, length, top_k
         self.use_keys, self.batchwise = use_keys, batchwise
         self.prompt = nn.Parameter(init_prompt_(torch.empty(pool_size, length, hidden_size), prompt_init))
-        self.key = nn.Parameter(init_prompt_(torch.empty(pool_size, hidden_size), key_init)) if use_keys else None
+        self.key = (
+            nn.Parameter(init_prompt_(torch.empty(pool_size, hidden_size), key_init)) if use_keys else None
+        )
 
     def select(self, query: torch.Tensor, forced_ids: torch.Tensor | None = None) -> PromptSelection:
         if self.key is None:
@@ -176,7 +178,9 @@ class PrefixPromptPool(nn.Module):
             return None
         return select_by_key(query, self.e_key, self.top_k, forced_ids=forced_ids, batchwise=self.batchwise)
 
-    def prefixes(self, batch_size: int, indices: torch.Tensor | None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def prefixes(
+        self, batch_size: int, indices: torch.Tensor | None
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer prefixes {layer: (key (B, L, D), value (B, L, D))}; `indices` (B, k) picks E-prompts.
 
         Each sample gets its own prefix (no batch/key-value reshape mixing, unlike the reference).
