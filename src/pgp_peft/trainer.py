@@ -31,6 +31,7 @@ from transformers.trainer_utils import set_seed
 
 from .config import atomic_write_text
 from .data import ContinualSplits, collate, memory_subset, with_image_transform
+from .hub import card_kwargs_from_results
 from .memory import memory_update_timing, update_memory
 from .metrics import AccuracyMatrix, plot_accuracy_curves, plot_accuracy_matrix, summarize, write_results_json
 from .model import PGPModel
@@ -426,27 +427,22 @@ class ContinualTrainer(Trainer):
             result.summary["task_il"] = summarize(result.task_il_accuracy.values)
         return result
 
+    def results_payload(self, result: ContinualResult) -> dict[str, Any]:
+        """Everything results.json records about the run."""
+        return {
+            "summary": result.summary,
+            "setting": "online class-IL" if self.online else "class-IL",
+            "accuracy_matrix": result.accuracy.to_dict(),
+            "task_il_accuracy_matrix": result.task_il_accuracy.to_dict(),
+            "memory_ranks": result.memory_ranks,
+            "manifest": self.splits.to_manifest(),
+            "config": self.model.config.to_dict(),
+            "recipe": self.recipe,
+        }
+
     def model_card_kwargs(self, result: ContinualResult) -> dict[str, Any]:
         """What the model card needs to describe this run (see `cards.build_model_card`)."""
-        summary = result.summary
-        results = {
-            "accuracy_matrix": result.accuracy.to_dict()["values"],
-            "average_accuracy": summary.get("average_accuracy"),
-            "forgetting_paper": summary.get("forgetting_paper"),
-            "forgetting_reference": summary.get("forgetting_reference"),
-            "bwt": summary.get("backward_transfer"),
-            "num_tasks": self.splits.num_tasks,
-            "task_il_average_accuracy": summary.get("task_il", {}).get("average_accuracy"),
-            "class_order": list(self.splits.class_order),
-            "setting": "online class-IL" if self.online else "class-IL",
-        }
-        return {
-            "results": results,
-            "recipe": self.recipe,
-            "class_names": list(self.splits.class_names),
-            "dataset_id": self.splits.dataset_id,
-            "plot_filenames": ["accuracy_matrix.png", "accuracy_curves.png"],
-        }
+        return card_kwargs_from_results(self.results_payload(result))
 
     def write_results(self, result: ContinualResult) -> None:
         """results.json + accuracy-matrix heatmap + per-task curves in output_dir (main process only)."""
@@ -454,14 +450,6 @@ class ContinualTrainer(Trainer):
             return
         out = Path(self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "summary": result.summary,
-            "accuracy_matrix": result.accuracy.to_dict(),
-            "task_il_accuracy_matrix": result.task_il_accuracy.to_dict(),
-            "memory_ranks": result.memory_ranks,
-            "manifest": self.splits.to_manifest(),
-            "config": self.model.config.to_dict(),
-        }
-        write_results_json(out / "results.json", payload)
+        write_results_json(out / "results.json", self.results_payload(result))
         plot_accuracy_matrix(result.accuracy.values, out / "accuracy_matrix.png")
         plot_accuracy_curves(result.accuracy.values, out / "accuracy_curves.png")
