@@ -521,3 +521,15 @@ def test_backbone_stays_in_eval_mode_and_frozen(tiny_vit, pixel_values):
     model.eval()
     model.train(True)
     assert not any(module.training for module in model.backbone.model.modules())
+
+
+def test_saved_files_get_ordinary_permissions_not_tempfile_private_ones(tiny_vit, tmp_path):
+    """Staging uses tempfile (0600/0700); what lands must follow the umask like a plain open()."""
+    old = os.umask(0o022)
+    try:
+        l2p_model(tiny_vit).save_pretrained(tmp_path / "adapter")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
+    for name in os.listdir(tmp_path / "adapter"):
+        assert (tmp_path / "adapter" / name).stat().st_mode & 0o777 == 0o644, name

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .fileio import atomic_write_text
+
 METHODS = ("l2p", "dualprompt", "clip")
 PROJECTION_SPACES = ("feature", "reference")
 HEAD_TYPES = ("prompt", "token")
@@ -297,14 +299,3 @@ class PromptGradientProjectionConfig:
 
     def replace(self, **changes: Any) -> PromptGradientProjectionConfig:
         return dataclasses.replace(self, **changes)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to `path` through a temporary sibling and `os.replace`, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

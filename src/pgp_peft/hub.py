@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .config import CONFIG_NAME, PromptGradientProjectionConfig, atomic_write_text
+from .config import CONFIG_NAME, PromptGradientProjectionConfig
+from .fileio import atomic_write_text, publish_files, staging_dir
 
 WEIGHTS_NAME = "model.safetensors"
 LIBRARY_NAME = "pgp_peft"
@@ -71,15 +72,11 @@ class AdapterHubMixin(PyTorchModelHubMixin):
         with `os.replace`, so a failure half way leaves the previous save readable.
         """
         target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        staging = staging_dir(target)
         try:
             super().save_pretrained(staging, **{k: v for k, v in kwargs.items() if k != "push_to_hub"})
-            target.mkdir(parents=True, exist_ok=True)
             # Weights first, config last: a reader that sees the new config also sees the new weights.
-            order = sorted(os.listdir(staging), key=lambda name: (name == CONFIG_NAME, name))
-            for name in order:
-                os.replace(staging / name, target / name)
+            publish_files(staging, target, last=CONFIG_NAME)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if kwargs.get("push_to_hub"):

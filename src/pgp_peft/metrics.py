@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from .fileio import atomic_write
 
 __all__ = [
     "AccuracyMatrix",
@@ -215,25 +216,6 @@ def matrix_to_markdown(matrix: AccuracyMatrix | np.ndarray) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, then ``os.replace`` it into place.
-
-    Readers (a dashboard, a resumed run) never see a half-written file.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
-
-
 def _jsonable(obj: Any) -> Any:
     """numpy scalars/arrays -> Python; NaN/inf -> None (strict JSON has no NaN)."""
     if isinstance(obj, AccuracyMatrix):
@@ -260,7 +242,7 @@ def write_results_json(path: str | os.PathLike[str], payload: Mapping[str, Any])
     def write(tmp: str) -> None:
         Path(tmp).write_text(text, encoding="utf-8")
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def _figure(width: float, height: float) -> tuple[Any, Any]:
@@ -274,7 +256,7 @@ def _figure(width: float, height: float) -> tuple[Any, Any]:
 
 def _save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
     """Save a figure as PNG (Agg renderer) atomically."""
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
 def plot_accuracy_matrix(

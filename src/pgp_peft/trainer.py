@@ -15,10 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +27,8 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import set_seed
 
-from .config import atomic_write_text
 from .data import ContinualSplits, collate, memory_subset, with_image_transform
+from .fileio import atomic_write_text, replace_dir, staging_dir
 from .hub import card_kwargs_from_results
 from .memory import memory_update_timing, update_memory
 from .metrics import AccuracyMatrix, plot_accuracy_curves, plot_accuracy_matrix, summarize, write_results_json
@@ -279,8 +277,7 @@ class ContinualTrainer(Trainer):
         if not self.args.should_save:
             return
         final = self._checkpoint_dir(task_id)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        staging = staging_dir(final)
         try:
             self.model.save_pretrained(staging)
             state = {
@@ -293,14 +290,7 @@ class ContinualTrainer(Trainer):
                 "seed": self.args.seed,
             }
             atomic_write_text(staging / STATE_NAME, json.dumps(state, indent=2) + "\n")
-            # Swap by renames: a valid checkpoint-task-t exists at every moment (the old one until the
-            # new one is in place; a crash in between leaves the old one under .old).
-            retired = final.with_name(f".{final.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            if final.exists():
-                os.replace(final, retired)
-            os.replace(staging, final)
-            shutil.rmtree(retired, ignore_errors=True)
+            replace_dir(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
