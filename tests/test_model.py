@@ -533,3 +533,39 @@ def test_saved_files_get_ordinary_permissions_not_tempfile_private_ones(tiny_vit
     assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
     for name in os.listdir(tmp_path / "adapter"):
         assert (tmp_path / "adapter" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+@pytest.mark.parametrize("builder", [l2p_model, dual_model])
+def test_bfloat16_backbone_runs_with_float32_adapter(tiny_vit, pixel_values, builder):
+    model = builder(tiny_vit)
+    model.backbone.model.to(torch.bfloat16)
+    model.register_task_classes(0, range(6))
+    out = model(pixel_values.to(torch.bfloat16))
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
+
+
+def test_model_to_bfloat16_keeps_the_projection_bases_float32(tiny_vit):
+    model = l2p_model(tiny_vit)
+    basis = torch.linalg.qr(torch.randn(32, 5, dtype=torch.float64))[0]
+    model.memory.set_basis("prompt", basis)
+    model.to(torch.bfloat16)
+    assert model.memory.basis("prompt").dtype == torch.float32
+    assert torch.allclose(model.memory.basis("prompt").double(), basis, atol=1e-6)
+
+
+def test_get_pgp_model_leaves_the_callers_config_alone(tiny_vit):
+    config = Config.l2p(num_classes=6, pool_size=4, top_k=2)
+    get_pgp_model(tiny_vit(), config, num_classes=6)
+    PGPModel(config, base_model=tiny_vit())
+    assert config.base_model_name_or_path is None
+
+
+def test_batchwise_selection_is_logged(tiny_vit, caplog):
+    with caplog.at_level("WARNING", logger="pgp_peft.prompts"):
+        l2p_model(tiny_vit, batchwise_prompt=True)
+    assert "leaks task identity" in caplog.text
+
+
+def test_inference_mode_freezes_the_adapter(tiny_vit):
+    model = l2p_model(tiny_vit, inference_mode=True)
+    assert not any(parameter.requires_grad for parameter in model.parameters())

@@ -362,3 +362,36 @@ def test_sharding_enabled_by_the_accelerate_launcher_is_rejected(tmp_path, monke
     model = tiny_cl.make_model("l2p", num_classes=4)
     with pytest.raises(ValueError, match=name):
         tiny_cl.make_trainer(model, splits, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"gradient_checkpointing": True}, "gradient_checkpointing"),
+        ({"label_smoothing_factor": 0.1}, "label_smoothing_factor"),
+    ],
+)
+def test_settings_that_break_the_protocol_are_rejected(tmp_path, overrides, match):
+    splits = tiny_cl.make_splits(num_tasks=2)
+    model = tiny_cl.make_model("l2p", num_classes=4)
+    with pytest.raises(ValueError, match=match):
+        tiny_cl.make_trainer(model, splits, str(tmp_path), **overrides)
+
+
+def test_step_checkpoints_are_replaced_by_per_task_checkpoints(tmp_path):
+    # global_step restarts per task, so Trainer's checkpoint-<step> folders would collide across tasks.
+    splits = tiny_cl.make_splits(num_tasks=2)
+    model = tiny_cl.make_model("l2p", num_classes=4)
+    trainer = tiny_cl.make_trainer(model, splits, str(tmp_path), save_strategy="steps", save_steps=1)
+    assert trainer.args.save_strategy == "no"
+
+
+def test_resume_with_another_class_order_is_refused(tmp_path):
+    splits = tiny_cl.make_splits(num_tasks=2)
+    model = tiny_cl.make_model("l2p", num_classes=4)
+    tiny_cl.make_trainer(model, splits, str(tmp_path), num_train_epochs=1).train_continual()
+    reordered = tiny_cl.make_splits(num_tasks=2)
+    reordered.class_order = list(reversed(reordered.class_order))
+    trainer = tiny_cl.make_trainer(tiny_cl.make_model("l2p", num_classes=4), reordered, str(tmp_path))
+    with pytest.raises(ValueError, match="another split"):
+        trainer.train_continual(resume_from_checkpoint=True)

@@ -149,7 +149,7 @@ class AdapterHubMixin(PyTorchModelHubMixin):
         cache_dir: str | os.PathLike | None = None,
         force_download: bool = False,
         local_files_only: bool = False,
-        map_location: str | torch.device = "cpu",
+        map_location: str | torch.device | None = None,
         attn_implementation: str | None = None,
         **config_overrides: Any,
     ) -> AdapterHubMixin:
@@ -230,9 +230,11 @@ class AdapterHubMixin(PyTorchModelHubMixin):
                 f"adapter {source} was trained on a backbone with {saved_signature}, but the backbone given has "
                 f"{model.backbone_signature()}"
             )
-        state = load_file(fetch(WEIGHTS_NAME), device=str(map_location))
+        # Default: wherever the backbone is (a CUDA backbone passed in stays on CUDA).
+        device = map_location if map_location is not None else next(model.parameters()).device
+        state = load_file(fetch(WEIGHTS_NAME), device=str(device))
         model.load_adapter_state_dict(state, source=source)
-        model.to(map_location)
+        model.to(device)
         model.eval()
         return model
 

@@ -19,7 +19,7 @@ from transformers.utils import ModelOutput
 from .backbones import VisionBackbone, build_backbone
 from .config import PromptGradientProjectionConfig
 from .hub import LIBRARY_NAME, AdapterHubMixin, load_base_model
-from .projection import NullSpaceMemory
+from .projection import NullSpaceMemory, check_reference_memory_size, project_update_
 from .prompts import ImagePrompt, L2PPromptPool, PrefixPromptPool, PromptSelection
 
 
@@ -74,12 +74,12 @@ class PGPModel(
             raise ValueError(
                 "PromptGradientProjectionConfig.num_classes: required for L2P and DualPrompt heads"
             )
-        if config.projection_space == "reference" and config.memory_samples != self.backbone.hidden_size:
-            raise ValueError(
-                f"PromptGradientProjectionConfig.memory_samples: reference mode needs memory_samples == hidden size "
-                f"({config.memory_samples} != {self.backbone.hidden_size}); the reference applies an n_mem x n_mem "
-                "projector on the embedding axis. Use projection_space='feature' for other sizes."
-            )
+        if config.projection_space == "reference":
+            try:
+                check_reference_memory_size(config.memory_samples or 0, self.backbone.hidden_size)
+            except ValueError as error:
+                raise ValueError(f"PromptGradientProjectionConfig.memory_samples: {error}") from None
+        config = config.replace()  # the model owns its config; the caller's object is left as it was
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(base_model, "name_or_path", None) or None
         self.config = config
@@ -120,6 +120,16 @@ class PGPModel(
         # class_task[c] = the task that introduced class c (-1: not seen yet). Drives class masks.
         self.register_buffer("class_task", torch.full((self.num_classes,), -1, dtype=torch.long))
         self.memory = NullSpaceMemory(self.protected_spaces())
+        # The adapter lives where the backbone lives; its parameters stay float32 (mixed precision
+        # casts activations, and the projection needs fp32 bases).
+        backbone_parameter = next(self.backbone.model.parameters(), None)
+        if backbone_parameter is not None and backbone_parameter.device.type != "cpu":
+            for module in (self.prompt_pool, self.prefix_pool, self.image_prompt, self.head, self.memory):
+                if module is not None:
+                    module.to(backbone_parameter.device)
+            self.class_task = self.class_task.to(backbone_parameter.device)
+        if config.inference_mode:
+            self.requires_grad_(False)  # as PEFT: a loaded adapter for inference is frozen
 
     # ------------------------------------------------------------------ structure
     @property
@@ -269,7 +279,7 @@ class PGPModel(
 
     def compute_logits(self, features: torch.Tensor, task_id=None) -> torch.Tensor:
         """features (B, D) -> logits (B, C). CLIP's subclass logic lives in `clip.py`."""
-        return self.head(features)
+        return self.head(features.to(self.head.weight.dtype))
 
     def forward(
         self,
@@ -382,10 +392,9 @@ class PGPModel(
         if not self.config.use_pgp or self.memory.is_empty():
             return
         for (parameter, index, names), before in zip(self.protected_slices(), snapshots):
-            current = parameter.data[index]
-            delta = current - before
-            self.project_tensor_(delta, names)
-            current.copy_(before + delta)
+            project_update_(
+                parameter.data[index], before, lambda delta, names=names: self.project_tensor_(delta, names)
+            )
 
 
 def get_pgp_model(

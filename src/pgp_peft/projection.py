@@ -487,6 +487,7 @@ class NullSpaceMemory(nn.Module):
 
     def __init__(self, spaces: dict[str, int], dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        self._dtype = dtype
         self._keys: dict[str, str] = {}
         self._dims: dict[str, int] = {}
         for name, dim in spaces.items():
@@ -504,6 +505,16 @@ class NullSpaceMemory(nn.Module):
             self.register_buffer(f"basis__{key}", torch.zeros(dim, dim, dtype=dtype))
             self.register_buffer(f"rank__{key}", torch.zeros((), dtype=torch.int64))
             self.register_buffer(f"updated__{key}", torch.zeros((), dtype=torch.bool))
+
+    def _apply(self, fn, recurse: bool = True):
+        # `model.to(torch.bfloat16)` must not round the bases: a bf16 basis leaks ~1e-3 of every
+        # projected gradient back into the protected space. Devices follow; the dtype stays.
+        originals = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, buffer in self._buffers.items():
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != originals[name].dtype:
+                self._buffers[name] = originals[name].to(buffer.device)
+        return self
 
     # ---- lookup ----
 

@@ -15,6 +15,12 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
+BATCHWISE_WARNING = (
+    "batchwise_prompt=True: every sample of a batch uses the batch's majority prompts (the reference "
+    "code's behaviour). At test time this assumes a batch comes from one task, which leaks task identity "
+    "into class-incremental evaluation."
+)
+
 
 def init_prompt_(tensor: torch.Tensor, init: str) -> torch.Tensor:
     """Initialise a prompt or key tensor in place: `uniform` is U(-1, 1) as in the reference code."""
@@ -84,7 +90,7 @@ def select_by_key(
     choice (DualPrompt's prompt mask: the task id picks the slot while training); the pull term still
     uses the forced keys. `batchwise` applies the reference's majority vote (off by default).
     """
-    similarity = cosine_similarity_to_keys(query, keys)
+    similarity = cosine_similarity_to_keys(query.to(keys.dtype), keys)
     if forced_ids is not None:
         indices = forced_ids
     else:
@@ -115,6 +121,8 @@ class L2PPromptPool(nn.Module):
         super().__init__()
         self.pool_size, self.length, self.top_k = pool_size, length, top_k
         self.use_keys, self.batchwise = use_keys, batchwise
+        if batchwise:
+            logger.warning(BATCHWISE_WARNING)
         self.prompt = nn.Parameter(init_prompt_(torch.empty(pool_size, length, hidden_size), prompt_init))
         self.key = (
             nn.Parameter(init_prompt_(torch.empty(pool_size, hidden_size), key_init)) if use_keys else None
@@ -162,6 +170,8 @@ class PrefixPromptPool(nn.Module):
         super().__init__()
         self.g_layers, self.e_layers = list(g_layers), list(e_layers)
         self.pool_size, self.top_k, self.batchwise = pool_size, top_k, batchwise
+        if batchwise:
+            logger.warning(BATCHWISE_WARNING)
         self.g_prompt = None
         if self.g_layers and g_length > 0:
             g = torch.empty(len(self.g_layers), 2, g_length, hidden_size)

@@ -430,6 +430,10 @@ def run_recipe(
         splits=splits,
         train_transform=train_transform,
         eval_transform=eval_transform,
+        # The reference L2P collects its memory at the task's start with train-time augmentation.
+        memory_transform=train_transform
+        if (config.method == "l2p" and config.projection_space == "reference")
+        else eval_transform,
         first_task_args=first_task_arguments(recipe),
         online=recipe["training"]["online"],
         task_end_callbacks=_hub_callbacks(recipe),

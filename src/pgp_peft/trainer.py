@@ -123,6 +123,13 @@ class ContinualTrainer(Trainer):
     ) -> None:
         if getattr(args, "remove_unused_columns", False):
             args.remove_unused_columns = False  # lazily decoded columns would be dropped otherwise
+        if args.save_strategy != "no":
+            # global_step restarts every task, so checkpoint-<step> folders of different tasks would
+            # collide; the per-task checkpoints written by train_continual are the resumable ones.
+            logger.warning(
+                "save_strategy=%r ignored: ContinualTrainer writes checkpoint-task-<t>", args.save_strategy
+            )
+            args.save_strategy = "no"
         self._check_distributed_support(args)
         super().__init__(model=model, args=args, data_collator=TaskCollator(0), **kwargs)
         # `accelerate launch` (config file / --use_fsdp / --use_deepspeed) can enable sharding without
@@ -148,15 +155,28 @@ class ContinualTrainer(Trainer):
 
     @staticmethod
     def _check_distributed_support(args: TrainingArguments) -> None:
-        if (
-            getattr(args, "fsdp", None)
-            or getattr(args, "fsdp_config", None)
-            and args.fsdp_config.get("fsdp_version")
-        ):
+        """Refuse settings that would silently break the projection or the continual protocol."""
+        if getattr(args, "fsdp", None) or (getattr(args, "fsdp_config", None) or {}).get("fsdp_version"):
             raise ValueError("PGP projection needs whole gradients: FSDP shards them and is not supported")
         if getattr(args, "deepspeed", None):
             raise ValueError(
                 "PGP projection needs whole gradients: DeepSpeed ZeRO shards them and is not supported"
+            )
+        if args.n_gpu > 1:
+            raise ValueError(
+                f"{args.n_gpu} GPUs in one process would use nn.DataParallel, whose replicas do not see the "
+                "prompt-insertion hook: launch one process per GPU instead "
+                "(`accelerate launch recipes/train_cl.py ...` or `torchrun --nproc_per_node N ...`)"
+            )
+        if getattr(args, "gradient_checkpointing", False) or getattr(args, "activation_checkpointing", False):
+            raise ValueError(
+                "gradient_checkpointing=True is not supported: the backbone is frozen and PGPModel is not a "
+                "PreTrainedModel; turn it off (activation memory is that of the prompted forward only)"
+            )
+        if args.label_smoothing_factor:
+            raise ValueError(
+                "label_smoothing_factor must be 0: the class mask sets other tasks' logits to -inf, and "
+                "smoothing onto them gives an infinite loss (the paper uses plain cross-entropy)"
             )
 
     # ------------------------------------------------------------------ Trainer hooks
@@ -240,8 +260,12 @@ class ContinualTrainer(Trainer):
         updates = update_memory(self.model, self._memory_batches(task_id), task_id, reduce_fn=reduce_fn)
         self._sync_memory()
         ranks = self.model.memory.ranks()
-        logger.info("task %d: memory updated, ranks %s", task_id, ranks)
-        del updates
+        logger.info(
+            "task %d: memory updated, ranks %s, captured energy %s",
+            task_id,
+            ranks,
+            {name: round(update.captured, 4) for name, update in updates.items()},
+        )
         return ranks
 
     # ------------------------------------------------------------------ evaluation
@@ -314,6 +338,13 @@ class ContinualTrainer(Trainer):
             raise ValueError(
                 f"checkpoint {path} is for {state['num_tasks']} tasks, this run has {self.splits.num_tasks}"
             )
+        saved, current = state.get("manifest", {}), self.splits.to_manifest()
+        for key in ("class_order", "task_classes", "dataset"):
+            if key in saved and saved[key] != current[key]:
+                raise ValueError(
+                    f"checkpoint {path} was written for another split ({key}: {saved[key]} vs {current[key]}); "
+                    "resume with the same data, class order and task count, or use another output_dir"
+                )
         device = next(self.model.parameters()).device
         self.model.load_adapter_state_dict(
             load_file(str(path / "model.safetensors"), device=str(device)), str(path)
@@ -404,11 +435,16 @@ class ContinualTrainer(Trainer):
                 cil, til = self.evaluate_task(evaluated)
                 result.accuracy.record(task_id, evaluated, cil)
                 result.task_il_accuracy.record(task_id, evaluated, til)
-            summary = summarize(result.accuracy.values)
-            self.log({"average_accuracy": summary["average_accuracy"]})
-            self.save_task_checkpoint(task_id, result)
             result.summary = summarize(result.accuracy.values)
             result.summary["task_il"] = summarize(result.task_il_accuracy.values)
+            self.log(
+                {
+                    "average_accuracy": result.summary["average_accuracy"],
+                    "forgetting": result.summary["forgetting_paper"],
+                    "task_il_average_accuracy": result.summary["task_il"]["average_accuracy"],
+                }
+            )
+            self.save_task_checkpoint(task_id, result)
             self.write_results(result)
             for callback in self.task_end_callbacks:
                 callback(self, task_id, result)
