@@ -98,8 +98,6 @@ class CLIPPGPModel(PGPModel):
         max_tasks: number of task contexts.
     """
 
-    is_clip_model = True
-
     def __init__(
         self,
         config: PromptGradientProjectionConfig,

@@ -200,22 +200,13 @@ class AdapterHubMixin(PyTorchModelHubMixin):
         saved_signature = payload.pop("backbone", None)
         payload.update(config_overrides)
         config = PromptGradientProjectionConfig.from_dict(payload)
-        if config.method == "clip" and not getattr(cls, "is_clip_model", False):
+        model_kwargs: dict[str, Any] = {}
+        if config.method == "clip":
             from .clip import CLIPPGPModel
 
-            return CLIPPGPModel.from_pretrained(
-                pretrained_model_name_or_path,
-                base_model=base_model,
-                revision=revision,
-                token=token,
-                cache_dir=cache_dir,
-                force_download=force_download,
-                local_files_only=local_files_only,
-                map_location=map_location,
-                attn_implementation=attn_implementation,
-                tokenizer=tokenizer,
-                **config_overrides,
-            )
+            cls = CLIPPGPModel  # a CLIP adapter loaded through PGPModel.from_pretrained
+            if tokenizer is not None:
+                model_kwargs["tokenizer"] = tokenizer
         if base_model is not None and saved_signature is not None:
             # Before building the adapter, so the error names both shapes (not a layer-index error).
             given = backbone_config_signature(base_model)
@@ -224,7 +215,7 @@ class AdapterHubMixin(PyTorchModelHubMixin):
                     f"adapter {source} was trained on a backbone with {saved_signature}, but the backbone "
                     f"given has {given}"
                 )
-        model = cls(config, base_model=base_model, attn_implementation=attn_implementation)
+        model = cls(config, base_model=base_model, attn_implementation=attn_implementation, **model_kwargs)
         if saved_signature is not None and saved_signature != model.backbone_signature():
             raise ValueError(
                 f"adapter {source} was trained on a backbone with {saved_signature}, but the backbone given has "
