@@ -268,3 +268,26 @@ def test_feature_mode_memory_is_invariant_to_sample_order(splits2, method):
             assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), (task, name)
         differs = max(float((a[name] - half[name]).abs().max()) for name in a)
         assert differs > 1e-3, "the comparison must be able to see a different sample set"
+
+
+def test_dualprompt_memory_skips_the_query_pass_but_records_the_same_queries():
+    """The memory pass uses the task's known slots without the frozen query pass: same rows as a
+    full forward with the prompt mask forced."""
+    from pgp_peft.memory import collect_feature_grams
+
+    model = tiny_cl.make_model("dualprompt", num_classes=4).eval()
+    pixel_values = torch.rand(6, 3, 16, 16)
+    grams = collect_feature_grams(model, [pixel_values], task_id=1, memory_samples=None)
+
+    expected: dict[str, torch.Tensor] = {}
+
+    def record(layer, query):
+        for head, name in enumerate(model.prefix_space_names(layer)):
+            rows = query[:, head].reshape(-1, query.shape[-1]).double()
+            expected[name] = expected.get(name, 0) + rows.t() @ rows
+
+    with torch.no_grad():
+        model.forward_features(pixel_values, 1, query_recorder=record, use_task_slot=True)
+    assert set(expected) == set(grams)
+    for name, gram in expected.items():
+        assert torch.allclose(grams[name], gram, rtol=1e-6, atol=1e-8), name

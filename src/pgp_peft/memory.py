@@ -43,6 +43,20 @@ def _batches(batches: Iterable, memory_samples: int | None) -> Iterable[torch.Te
         yield pixel_values
 
 
+def _record_prefix_queries(model, pixel_values: torch.Tensor, task_id: int, recorder) -> None:
+    """DualPrompt: a prompted pass with the task's own E-prompt slots, recording the queries.
+
+    The slots are known (the prompt mask), so the frozen query pass that key selection needs is
+    skipped; beyond the pool (more tasks than slots) the slots are chosen by key as in training.
+    """
+    slots = model._task_slot(task_id, pixel_values.shape[0], pixel_values.device, use_task_slot=True)
+    if slots is None:
+        model.forward_features(pixel_values, task_id, query_recorder=recorder, use_task_slot=True)
+        return
+    prefixes = model.prefix_pool.prefixes(pixel_values.shape[0], slots)
+    model.backbone(pixel_values, prefixes=prefixes, query_recorder=recorder)
+
+
 def _prompt_rows(model) -> torch.Tensor | None:
     """The current prompts as rows (n, D): the p_t of the condition p_t Δpᵀ = 0."""
     if model.prompt_pool is not None:
@@ -83,7 +97,7 @@ def collect_feature_grams(
             model.forward_features(pixel_values, task_id, token_recorder=tokens.append)
             grams["image_prompt"].add(tokens[0])
         else:
-            model.forward_features(pixel_values, task_id, query_recorder=record_queries, use_task_slot=True)
+            _record_prefix_queries(model, pixel_values, task_id, record_queries)
     out = {name: accumulator.gram for name, accumulator in grams.items()}
     prompts = _prompt_rows(model)
     if prompts is not None:
@@ -121,7 +135,7 @@ def collect_reference_rows(
             model.backbone(pixel_values, token_recorder=tokens.append)
             add("image_prompt", tokens[0])
         else:
-            model.forward_features(pixel_values, task_id, query_recorder=record_queries, use_task_slot=True)
+            _record_prefix_queries(model, pixel_values, task_id, record_queries)
     return {name: torch.cat(parts) for name, parts in rows.items()}
 
 
