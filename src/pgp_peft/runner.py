@@ -357,6 +357,7 @@ def build_adapter_config(recipe: dict[str, Any], num_classes: int, class_names: 
 
 
 def build_training_arguments(recipe: dict[str, Any], output_dir: str):
+    import torch
     from transformers import TrainingArguments
 
     training = recipe["training"]
@@ -385,6 +386,7 @@ def build_training_arguments(recipe: dict[str, Any], output_dir: str):
         report_to=[],
         remove_unused_columns=False,
         dataloader_num_workers=training["dataloader_num_workers"],
+        dataloader_pin_memory=torch.cuda.is_available() and not training["use_cpu"],
         use_cpu=training["use_cpu"],
         disable_tqdm=False,
     )

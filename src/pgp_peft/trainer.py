@@ -260,12 +260,13 @@ class ContinualTrainer(Trainer):
         updates = update_memory(self.model, self._memory_batches(task_id), task_id, reduce_fn=reduce_fn)
         self._sync_memory()
         ranks = self.model.memory.ranks()
-        logger.info(
-            "task %d: memory updated, ranks %s, captured energy %s",
-            task_id,
-            ranks,
-            {name: round(update.captured, 4) for name, update in updates.items()},
-        )
+        if self.is_world_process_zero():
+            logger.info(
+                "task %d: memory updated, ranks %s, captured energy %s",
+                task_id,
+                ranks,
+                {name: round(update.captured, 4) for name, update in updates.items()},
+            )
         return ranks
 
     # ------------------------------------------------------------------ evaluation
