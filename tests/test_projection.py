@@ -863,3 +863,18 @@ def test_project_update_accepts_in_place_project_fn():
 
     project_update_(param, before, in_place)
     assert torch.allclose(param, expected, atol=1e-14)
+
+
+def test_cached_ranks_follow_every_way_a_rank_buffer_changes():
+    memory = NullSpaceMemory({"a": 4})
+    assert memory.rank("a") == 0
+    memory.set_basis("a", torch.eye(4)[:, :2])
+    assert memory.rank("a") == 2 and memory.basis("a").shape == (4, 2)
+    other = NullSpaceMemory({"a": 4})
+    other.set_basis("a", torch.eye(4)[:, :3])
+    memory.load_state_dict(other.state_dict())
+    assert memory.rank("a") == 3
+    memory.rank__a.copy_(torch.tensor(1))  # e.g. a broadcast from rank 0
+    assert memory.rank("a") == 1
+    memory.to(torch.float64)
+    assert memory.rank("a") == 1 and memory.basis("a").dtype == torch.float32

@@ -488,6 +488,7 @@ class NullSpaceMemory(nn.Module):
     def __init__(self, spaces: dict[str, int], dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self._dtype = dtype
+        self._rank_cache: dict[str, tuple[tuple[int, int], int]] = {}
         self._keys: dict[str, str] = {}
         self._dims: dict[str, int] = {}
         for name, dim in spaces.items():
@@ -536,8 +537,17 @@ class NullSpaceMemory(nn.Module):
 
     def rank(self, name: str) -> int:
         """Number of basis columns r of space `name`."""
-        # Read from the buffer every time (no Python cache), so load_state_dict / broadcasts are seen.
-        return int(self._buffers_of(name)[1].item())
+        # `.item()` on a CUDA buffer synchronises the device, and the projection asks for every space's
+        # rank on every step. Cache it per (storage, version): any in-place write to the buffer
+        # (set_basis, load_state_dict, a broadcast) bumps the version, a move makes a new storage.
+        rank = self._buffers_of(name)[1]
+        key = (rank.data_ptr(), rank._version)
+        cached = self._rank_cache.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        value = int(rank.item())
+        self._rank_cache[name] = (key, value)
+        return value
 
     def ranks(self) -> dict[str, int]:
         return {name: self.rank(name) for name in self._keys}
@@ -548,8 +558,7 @@ class NullSpaceMemory(nn.Module):
 
     def basis(self, name: str) -> torch.Tensor:
         """(D, r) view of the stored basis of space `name`."""
-        basis, rank, _ = self._buffers_of(name)
-        return basis[:, : int(rank.item())]
+        return self._buffers_of(name)[0][:, : self.rank(name)]
 
     def is_empty(self) -> bool:
         """True when no space has a basis column, i.e. projection is the identity everywhere."""
