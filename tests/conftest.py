@@ -6,20 +6,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from tiny_assets import TINY_VIT  # the one definition of the tiny test ViT
 from transformers import ViTConfig, ViTModel
 
 # Tiny models are dominated by per-op overhead: one intra-op thread is several times faster than two
 # on a shared 2-core machine, and results do not depend on it.
 torch.set_num_threads(1)
-
-TINY_VIT = dict(
-    hidden_size=32,
-    num_hidden_layers=5,
-    num_attention_heads=4,
-    intermediate_size=64,
-    image_size=16,
-    patch_size=4,
-)
 
 
 @pytest.fixture

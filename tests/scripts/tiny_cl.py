@@ -9,6 +9,8 @@ folder on `sys.path`) and from the scripts next to it.
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -21,14 +23,9 @@ from pgp_peft.config import PromptGradientProjectionConfig as Config
 from pgp_peft.data import ContinualSplits, build_transform, make_class_incremental_splits
 from pgp_peft.model import PGPModel
 
-TINY_VIT = dict(
-    hidden_size=32,
-    num_hidden_layers=5,
-    num_attention_heads=4,
-    intermediate_size=64,
-    image_size=16,
-    patch_size=4,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared tiny assets
+from tiny_assets import TINY_VIT  # noqa: E402
+
 IMAGE_SIZE = 16
 
 
