@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,33 @@ TUNING_TYPES = ("prompt", "prefix")
 CONFIG_NAME = "config.json"
 # Keys PGPModel.save_pretrained adds to config.json next to the config fields (not config fields).
 ADAPTER_METADATA_KEYS = {"library_name", "pgp_peft_version", "backbone"}
+# The only keys `base_model_kwargs` may hold: plain backbone-config attributes that change neither the
+# weights' shapes nor how or from where code and files are loaded. A config.json comes from a download,
+# so loader controls (trust_remote_code, code_revision, revision, token, cache_dir, device_map,
+# torch_dtype, quantization_config, attn_implementation, ...) are refused, never passed on.
+BACKBONE_CONFIG_OVERRIDES = (
+    "layer_norm_eps",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "attention_dropout",
+    "dropout",
+)
+
+
+def read_config_json(path: str | os.PathLike, source: str | None = None) -> dict[str, Any]:
+    """A config.json's JSON object; invalid JSON or another JSON type raises `ValueError` naming the file."""
+    where = source or str(path)
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error}); re-save the adapter or fix the file") from None
+    if not isinstance(payload, dict):
+        raise ValueError(
+            f"{where}: expected a JSON object of config fields, got a JSON {type(payload).__name__}"
+        )
+    return payload
 
 
 @dataclass
@@ -59,7 +87,9 @@ class PromptGradientProjectionConfig:
         base_model_name_or_path, revision: the frozen backbone (Hub id or local folder).
         base_model_kwargs: config overrides applied when the backbone is loaded from its name (e.g.
             `{"layer_norm_eps": 1e-6}`, as the paper's ViT-B recipes), so a reloaded adapter sees
-            exactly the backbone it was trained on.
+            exactly the backbone it was trained on. Only the numeric attributes in
+            `BACKBONE_CONFIG_OVERRIDES` are accepted: loader options (`trust_remote_code`, `revision`,
+            `token`, ...) are refused, since a saved config is downloaded, untrusted data.
 
     Projection
         use_pgp: apply Prompt Gradient Projection between tasks (False = the baseline method).
@@ -116,8 +146,7 @@ class PromptGradientProjectionConfig:
     )
 
     def __post_init__(self) -> None:
-        self.g_prompt_layers = [int(i) for i in self.g_prompt_layers]
-        self.e_prompt_layers = [int(i) for i in self.e_prompt_layers]
+        self._check_field_types()
         self.validate()
 
     # ------------------------------------------------------------------ presets
@@ -182,8 +211,80 @@ class PromptGradientProjectionConfig:
         return cls(**values)
 
     # ------------------------------------------------------------------ validation
+    def _check_field_types(self) -> None:
+        """Refuse values of the wrong JSON type by field name (a config.json is hand-editable and
+        downloaded): e.g. `e_prompt_layers: "2,3,4"` instead of `[2, 3, 4]`."""
+
+        def fail(name: str, message: str) -> None:
+            raise ValueError(f"PromptGradientProjectionConfig.{name}: {message}")
+
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for name in ("g_prompt_layers", "e_prompt_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(is_int(i) for i in value):
+                fail(name, f"expected a list of layer indices like [2, 3, 4], got {value!r}")
+            setattr(self, name, list(value))
+        if self.class_names is not None:
+            if not isinstance(self.class_names, (list, tuple)) or not all(
+                isinstance(n, str) for n in self.class_names
+            ):
+                fail("class_names", f"expected a list of strings or null, got {self.class_names!r}")
+            self.class_names = list(self.class_names)
+        if not isinstance(self.reference_pca_components, dict) or not all(
+            isinstance(k, str) and is_int(v) and v > 0 for k, v in self.reference_pca_components.items()
+        ):
+            fail(
+                "reference_pca_components",
+                f"expected a mapping of names to positive integers, got {self.reference_pca_components!r}",
+            )
+        for name in ("method", "tuning_type", "text_template", "preprocessing", "projection_space"):
+            if not isinstance(getattr(self, name), str):
+                fail(name, f"expected a string, got {getattr(self, name)!r}")
+        for name in ("base_model_name_or_path", "revision"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                fail(name, f"expected a string or null, got {getattr(self, name)!r}")
+        for name in (
+            "inference_mode",
+            "use_prompt_keys",
+            "batchwise_prompt",
+            "prompt_mask",
+            "shared_pool_copy",
+            "use_pgp",
+            "project_update",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, f"expected true or false, got {getattr(self, name)!r}")
+        value = self.pull_constraint_coeff
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("pull_constraint_coeff", f"expected a number, got {value!r}")
+        self._check_base_model_kwargs()
+
+    def _check_base_model_kwargs(self) -> None:
+        kwargs = self.base_model_kwargs
+        where = "PromptGradientProjectionConfig.base_model_kwargs"
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"{where}: expected a mapping like {{'layer_norm_eps': 1e-6}}, got {kwargs!r}")
+        refused = sorted(key for key in kwargs if key not in BACKBONE_CONFIG_OVERRIDES)
+        if refused:
+            raise ValueError(
+                f"{where}: {refused} refused; only the backbone-config overrides {list(BACKBONE_CONFIG_OVERRIDES)} "
+                "are accepted. Loader options such as trust_remote_code or code_revision are never read from a "
+                "config: if you trust the backbone's code, pass trust_remote_code=True to from_pretrained yourself"
+            )
+        for key, value in kwargs.items():
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"{where}: {key} must be a finite non-negative number, got {value!r}")
+
     def validate(self, num_hidden_layers: int | None = None) -> None:
         """Raise `ValueError` naming the offending field. With `num_hidden_layers`, also check layer indices."""
+        self._check_base_model_kwargs()  # again: the field is mutable after construction
 
         def fail(name: str, message: str) -> None:
             raise ValueError(f"PromptGradientProjectionConfig.{name}: {message}")
@@ -270,6 +371,10 @@ class PromptGradientProjectionConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PromptGradientProjectionConfig:
         """Build from a dict; unknown keys raise a `ValueError` naming them (and the closest valid key)."""
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"PromptGradientProjectionConfig: expected a mapping of fields, got {type(values).__name__}"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known - ADAPTER_METADATA_KEYS)
         if unknown:
@@ -294,8 +399,12 @@ class PromptGradientProjectionConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> PromptGradientProjectionConfig:
-        with open(Path(directory) / CONFIG_NAME, encoding="utf-8") as handle:
-            return cls.from_dict(json.load(handle))
+        path = Path(directory) / CONFIG_NAME
+        payload = read_config_json(path)
+        try:
+            return cls.from_dict(payload)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
     def replace(self, **changes: Any) -> PromptGradientProjectionConfig:
         return dataclasses.replace(self, **changes)

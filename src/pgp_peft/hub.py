@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .config import CONFIG_NAME, PromptGradientProjectionConfig
+from .config import BACKBONE_CONFIG_OVERRIDES, CONFIG_NAME, PromptGradientProjectionConfig, read_config_json
 from .fileio import atomic_write_text, publish_files, staging_dir
 
 WEIGHTS_NAME = "model.safetensors"
@@ -151,15 +151,23 @@ class AdapterHubMixin(PyTorchModelHubMixin):
         local_files_only: bool = False,
         map_location: str | torch.device | None = None,
         attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
         **config_overrides: Any,
     ) -> AdapterHubMixin:
         """Load an adapter from a local directory or a Hub repo id (safetensors only, never pickle).
 
-        The backbone is `base_model` if given, else loaded from the recorded base model and revision.
-        A backbone of another hidden size or depth raises `ValueError` naming both shapes.
+        The backbone is `base_model` if given, else loaded from the recorded base model and revision
+        with the recorded `base_model_kwargs` (an allow-list of config overrides, see
+        `config.BACKBONE_CONFIG_OVERRIDES`). Nothing read from the adapter's files can enable remote
+        code: only this call's `trust_remote_code=True` lets the backbone repo run its own Python.
+        A backbone of another hidden size or depth raises `ValueError` naming both shapes; a
+        non-finite tensor in model.safetensors raises `ValueError` naming it.
         """
         source = str(pretrained_model_name_or_path)
         tokenizer = config_overrides.pop("tokenizer", None)  # CLIP adapters only
+        if not isinstance(trust_remote_code, bool):
+            raise TypeError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
+        _check_adapter_source(source)
 
         def fetch(filename: str) -> str:
             if os.path.isdir(source):
@@ -169,7 +177,7 @@ class AdapterHubMixin(PyTorchModelHubMixin):
                         f"{filename} not found in {source}: not a pgp_peft adapter directory"
                     )
                 return path
-            from huggingface_hub.errors import EntryNotFoundError
+            from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
             try:
                 return hf_hub_download(
@@ -188,9 +196,12 @@ class AdapterHubMixin(PyTorchModelHubMixin):
                 raise ValueError(
                     f"{source} is not a pgp_peft adapter: no {filename}; the repo has {sorted(files)[:20]}"
                 ) from error
+            except RepositoryNotFoundError as error:
+                raise FileNotFoundError(
+                    f"{source}: no such local folder, and no Hub repository of that name (or no access to it)"
+                ) from error
 
-        with open(fetch(CONFIG_NAME), encoding="utf-8") as handle:
-            payload = json.load(handle)
+        payload = read_config_json(fetch(CONFIG_NAME), source=f"{source}/{CONFIG_NAME}")
         library = payload.get("library_name")
         if library != LIBRARY_NAME or "method" not in payload:
             raise ValueError(
@@ -199,7 +210,10 @@ class AdapterHubMixin(PyTorchModelHubMixin):
             )
         saved_signature = payload.pop("backbone", None)
         payload.update(config_overrides)
-        config = PromptGradientProjectionConfig.from_dict(payload)
+        try:
+            config = PromptGradientProjectionConfig.from_dict(payload)
+        except ValueError as error:
+            raise ValueError(f"{source}/{CONFIG_NAME}: {error}") from None
         model_kwargs: dict[str, Any] = {}
         if config.method == "clip":
             from .clip import CLIPPGPModel
@@ -215,6 +229,9 @@ class AdapterHubMixin(PyTorchModelHubMixin):
                     f"adapter {source} was trained on a backbone with {saved_signature}, but the backbone "
                     f"given has {given}"
                 )
+        if base_model is None:
+            # Loaded here, not in the model's constructor, so the caller's trust_remote_code reaches it.
+            base_model = load_base_model(config, trust_remote_code=trust_remote_code)
         model = cls(config, base_model=base_model, attn_implementation=attn_implementation, **model_kwargs)
         if saved_signature is not None and saved_signature != model.backbone_signature():
             raise ValueError(
@@ -223,8 +240,9 @@ class AdapterHubMixin(PyTorchModelHubMixin):
             )
         # Default: wherever the backbone is (a CUDA backbone passed in stays on CUDA).
         device = map_location if map_location is not None else next(model.parameters()).device
-        state = load_file(fetch(WEIGHTS_NAME), device=str(device))
-        model.load_adapter_state_dict(state, source=source)
+        weights = fetch(WEIGHTS_NAME)
+        state = load_file(weights, device=str(device))
+        model.load_adapter_state_dict(state, source=f"{source}/{WEIGHTS_NAME}")
         model.to(device)
         model.eval()
         return model
@@ -243,6 +261,16 @@ class AdapterHubMixin(PyTorchModelHubMixin):
                     f"{tuple(expected[name].shape)} (hidden size {self.backbone.hidden_size}, "
                     f"{self.backbone.num_layers} layers)"
                 )
+        non_finite = sorted(
+            name
+            for name, tensor in state.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+        )
+        if non_finite:
+            raise ValueError(
+                f"{source}: non-finite values (NaN or inf) in tensor(s) {non_finite}; the file is damaged or "
+                "comes from a diverged run: load an earlier checkpoint"
+            )
         self.load_state_dict(state, strict=False)
 
 
@@ -308,11 +336,42 @@ def resolve_builtin(name: str | None) -> str | None:
     return name
 
 
+def _check_adapter_source(source: str) -> None:
+    """A path that is no folder: say so, rather than the Hub's "Repo id must be in the form ..."."""
+    if os.path.isdir(source):
+        return
+    if os.path.exists(source):
+        raise NotADirectoryError(
+            f"{source}: is a file; an adapter is a folder with config.json and model.safetensors"
+        )
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    looks_like_path = source.startswith((".", "/", "~"))
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        looks_like_path = True
+    if looks_like_path:
+        raise FileNotFoundError(f"{source}: no such folder (nor a valid Hub repo id such as 'user/adapter')")
+
+
 def load_backbone(
-    name: str | None, revision: str | None = None, config_overrides: dict[str, Any] | None = None
+    name: str | None,
+    revision: str | None = None,
+    config_overrides: dict[str, Any] | None = None,
+    *,
+    trust_remote_code: bool = False,
 ):
     """Load a frozen-backbone candidate (ViTModel without pooler, or CLIPModel) from a Hub id, a local
-    folder or a built-in name, with `config_overrides` (e.g. layer_norm_eps) applied to its config."""
+    folder or a built-in name, with `config_overrides` (only `BACKBONE_CONFIG_OVERRIDES`, e.g.
+    layer_norm_eps) applied to its config. `trust_remote_code` is passed to transformers as given."""
+    refused = sorted(set(config_overrides or {}) - set(BACKBONE_CONFIG_OVERRIDES))
+    if refused:
+        raise ValueError(
+            f"backbone config overrides {refused} refused; accepted: {list(BACKBONE_CONFIG_OVERRIDES)} "
+            "(pass trust_remote_code as its own argument)"
+        )
     name = resolve_builtin(name)
     if not name:
         raise ValueError(
@@ -322,11 +381,21 @@ def load_backbone(
     from transformers import AutoConfig, CLIPModel, ViTModel
 
     try:
-        config = AutoConfig.from_pretrained(name, revision=revision, **(config_overrides or {}))
+        config = AutoConfig.from_pretrained(
+            name, revision=revision, trust_remote_code=trust_remote_code, **(config_overrides or {})
+        )
         if config.model_type == "vit":
-            return ViTModel.from_pretrained(name, revision=revision, config=config, add_pooling_layer=False)
+            return ViTModel.from_pretrained(
+                name,
+                revision=revision,
+                config=config,
+                add_pooling_layer=False,
+                trust_remote_code=trust_remote_code,
+            )
         if config.model_type == "clip":
-            return CLIPModel.from_pretrained(name, revision=revision, config=config)
+            return CLIPModel.from_pretrained(
+                name, revision=revision, config=config, trust_remote_code=trust_remote_code
+            )
     except OSError as error:
         raise OSError(
             f"could not load the base model {name!r} at revision {revision!r}: {error}\n"
@@ -336,6 +405,11 @@ def load_backbone(
     raise TypeError(f"base model {name!r} is a {config.model_type!r} model; pgp_peft supports ViT and CLIP")
 
 
-def load_base_model(config: PromptGradientProjectionConfig) -> nn.Module:
+def load_base_model(config: PromptGradientProjectionConfig, *, trust_remote_code: bool = False) -> nn.Module:
     """The backbone recorded in an adapter config: base_model_name_or_path @ revision (+ base_model_kwargs)."""
-    return load_backbone(config.base_model_name_or_path, config.revision, config.base_model_kwargs)
+    return load_backbone(
+        config.base_model_name_or_path,
+        config.revision,
+        config.base_model_kwargs,
+        trust_remote_code=trust_remote_code,
+    )
