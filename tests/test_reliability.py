@@ -523,3 +523,10 @@ def test_broken_image_files_are_reported_by_path_before_training(tmp_path):
     data = {**load_recipe("demo")["data"], "dataset": str(root), "num_tasks": 1, "image_size": 8}
     with pytest.raises(ValueError, match="train/cat/0.png"):
         build_datasets(data)  # the runner checks before it builds the tasks
+
+
+def test_every_shipped_recipe_passes_the_early_checks():
+    from pgp_peft.runner import available_recipes
+
+    for name in available_recipes():
+        validate_recipe(load_recipe(name))

@@ -67,6 +67,10 @@ _METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
 _PGP_SETTINGS: tuple[str, ...] = ("projection_space", "prompt_threshold", "key_threshold", "memory_samples")
 # Hub repo id ("name" or "namespace/name"); anything else (a local path) is not a valid `base_model`.
 _HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+# Built-in data drawn from a Hub dataset: the card's `datasets` metadata names that source (the text
+# says it is a subset; the model-index results stay "custom"). The built-in backbone has no Hub repo,
+# so it gets no `base_model` metadata (the Hub only accepts existing model ids there).
+_HUB_SOURCE_OF_BUILTIN_DATA = {"pgp_peft:fashion_mnist_demo": "zalando-datasets/fashion_mnist"}
 
 
 def canonical_template_path() -> Path:
@@ -150,7 +154,9 @@ def build_model_card(
         library_name=LIBRARY_NAME,
         tags=[*_BASE_TAGS, method, *(["pgp"] if use_pgp else [])],
         base_model=base_model if _is_hub_repo_id(base_model) else None,
-        datasets=[hub_dataset] if hub_dataset else None,
+        datasets=[hub_dataset or _HUB_SOURCE_OF_BUILTIN_DATA.get(dataset_id)]
+        if (hub_dataset or dataset_id in _HUB_SOURCE_OF_BUILTIN_DATA)
+        else None,
         pipeline_tag="image-classification",
         license=config.get("license") or (recipe or {}).get("license"),
         metrics=["accuracy"] if summary is not None else None,
