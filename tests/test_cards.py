@@ -235,4 +235,6 @@ def test_demo_run_card_names_the_hub_source_of_its_data() -> None:
     )
     data = ModelCard(card.content).data
     assert data.datasets == ["zalando-datasets/fashion_mnist"] and data.base_model is None
-    assert {result.dataset_type for result in data.eval_results} == {"custom"}  # a subset: no Hub result claimed
+    assert {result.dataset_type for result in data.eval_results} == {
+        "custom"
+    }  # a subset: no Hub result claimed

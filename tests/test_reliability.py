@@ -530,3 +530,12 @@ def test_every_shipped_recipe_passes_the_early_checks():
 
     for name in available_recipes():
         validate_recipe(load_recipe(name))
+
+
+def test_a_hub_token_in_the_recipe_is_never_written_to_results():
+    from pgp_peft.trainer import _without_secrets
+
+    recipe = apply_overrides(load_recipe("demo"), ["hub.token=hf_secret"])
+    public = _without_secrets(recipe)
+    assert public["hub"]["token"] == "<redacted>" and recipe["hub"]["token"] == "hf_secret"
+    assert _without_secrets(load_recipe("demo")) == load_recipe("demo")
