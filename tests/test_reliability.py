@@ -162,7 +162,15 @@ def test_adapter_config_cannot_enable_remote_code(tmp_path):
     assert marker.read_text() == "ran"
 
 
-def test_loader_errors_name_the_file_and_field(tmp_path):
+def test_loader_errors_name_the_file_and_field(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(
+        FileNotFoundError, match="outputs/nothing: no such local folder, and no cached Hub copy"
+    ):
+        PGPModel.from_pretrained("outputs/nothing")  # a valid repo id form: looked up in the Hub cache
+    monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="no such folder"):
         PGPModel.from_pretrained(tmp_path / "does-not-exist")
     with pytest.raises(FileNotFoundError, match="no such folder"):
@@ -477,6 +485,16 @@ def test_non_finite_parameters_or_grams_stop_with_a_named_error(tmp_path):
         TrainingDivergedError, match="non-finite values in the memory representation of space"
     ):
         trainer.update_memory(0)  # the prompt term of the Gram matrix holds inf: refused before eigh
+
+    def failing_eigh(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    import pgp_peft.trainer
+
+    with pytest.MonkeyPatch.context() as patch:  # finite but astronomically large values
+        patch.setattr(pgp_peft.trainer, "update_memory", failing_eigh)
+        with pytest.raises(TrainingDivergedError, match="the memory update's eigendecomposition failed"):
+            trainer.update_memory(0)
 
 
 # ----------------------------------------------------------------------------- data quirks

@@ -177,7 +177,11 @@ class AdapterHubMixin(PyTorchModelHubMixin):
                         f"{filename} not found in {source}: not a pgp_peft adapter directory"
                     )
                 return path
-            from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+            from huggingface_hub.errors import (
+                EntryNotFoundError,
+                LocalEntryNotFoundError,
+                RepositoryNotFoundError,
+            )
 
             try:
                 return hf_hub_download(
@@ -189,6 +193,11 @@ class AdapterHubMixin(PyTorchModelHubMixin):
                     force_download=force_download,
                     local_files_only=local_files_only,
                 )
+            except LocalEntryNotFoundError as error:  # offline, and not in the Hub cache
+                raise FileNotFoundError(
+                    f"{source}: no such local folder, and no cached Hub copy of {filename} while the Hub cannot be "
+                    f"reached ({' '.join(str(error).split())[:200]}); check the path, or go online"
+                ) from error
             except EntryNotFoundError as error:
                 from huggingface_hub import list_repo_files
 
