@@ -229,6 +229,10 @@ def test_lock_refuses_a_second_owner_and_reports_a_stale_lock(tmp_path, caplog):
     assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
     lock.release()
 
+    # Our pid, but a lock this process never took: left by an earlier process with the same pid.
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    OutputFolderLock(tmp_path).acquire().release()
+
     (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "x"}))
     with pytest.raises(
         RunFolderError, match=rf"cannot be checked from this host; .* delete {tmp_path / LOCK_NAME}"

@@ -52,6 +52,9 @@ FINGERPRINT_IGNORED += ("training.dataloader_num_workers", "training.use_cpu")
 _RANDOM = r"[a-z0-9_]{8}"
 
 
+_HELD: set[Path] = set()  # lock files this process holds
+
+
 class RunFolderError(ValueError):
     """The output folder cannot be used as asked (locked, holds another run, not writable, ...)."""
 
@@ -102,6 +105,7 @@ class OutputFolderLock:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(self.owner, handle)
             self.held = True
+            _HELD.add(self.path.resolve())
             return self
         raise RunFolderError(f"{self.path}: could not take the lock (another run keeps taking it)")
 
@@ -112,7 +116,13 @@ class OutputFolderLock:
             description = "an unreadable lock"
         else:
             description = f"pid {owner['pid']} on host {owner.get('host')} (started {owner.get('started')})"
-        if owner is not None and owner.get("host") == here and not _pid_alive(owner["pid"]):
+        # Our own pid on a lock this process does not hold: a previous process with the same pid (e.g. in a
+        # restarted container) left it.
+        ours = owner is not None and owner["pid"] == os.getpid()
+        dead = owner is not None and (
+            (ours and self.path.resolve() not in _HELD) or (not ours and not _pid_alive(owner["pid"]))
+        )
+        if owner is not None and owner.get("host") == here and dead:
             logger.warning(
                 "output_dir %s: stale lock of %s, which is no longer running; taking over",
                 self.path.parent,
@@ -123,7 +133,7 @@ class OutputFolderLock:
         if owner is not None and owner.get("host") == here:
             raise RunFolderError(
                 f"output_dir {self.path.parent} is in use by another run ({description}); wait for it to finish "
-                "or choose another --output_dir"
+                f"or choose another --output_dir (if pid {owner['pid']} is no pgp_peft run, delete {self.path})"
             )
         raise RunFolderError(
             f"output_dir {self.path.parent} is locked by {description}, which cannot be checked from this host; "
@@ -135,6 +145,7 @@ class OutputFolderLock:
             owner = read_lock(self.path)
             if owner is not None and owner.get("pid") == self.owner["pid"]:
                 self.path.unlink(missing_ok=True)
+            _HELD.discard(self.path.resolve())
             self.held = False
 
     def __enter__(self) -> OutputFolderLock:
