@@ -582,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             print(name)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = False
     try:
         recipe = _recipe_from_args(args, unknown)
         validate_recipe(recipe)  # before any data, backbone or folder is touched
@@ -594,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         if _is_main_process():
             lock = prepare_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite_output_dir)
         try:
+            started = True
             run_recipe(recipe, output_dir, resume=args.resume)
         finally:
             if lock is not None:
@@ -603,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if args.debug:
             raise
-        print(_error_line(error), file=sys.stderr)
+        # Once training started, a progress bar may hold the current line: the error starts a new one.
+        print(("\n" if started else "") + _error_line(error), file=sys.stderr)
         return 2
     return 0
 
