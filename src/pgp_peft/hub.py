@@ -10,6 +10,7 @@ backbone; only safetensors are read, never pickle.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from torch import nn
 from . import __version__
 from .config import BACKBONE_CONFIG_OVERRIDES, CONFIG_NAME, PromptGradientProjectionConfig, read_config_json
 from .fileio import atomic_write_text, publish_files, staging_dir
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 LIBRARY_NAME = "pgp_peft"
@@ -239,6 +242,13 @@ class AdapterHubMixin(PyTorchModelHubMixin):
                     f"given has {given}"
                 )
         if base_model is None:
+            if trust_remote_code:  # the adapter's config names the repo (and revision) whose code runs
+                logger.warning(
+                    "trust_remote_code=True: code from the backbone repo %r at revision %r (named by %s) may run",
+                    config.base_model_name_or_path,
+                    config.revision,
+                    f"{source}/{CONFIG_NAME}",
+                )
             # Loaded here, not in the model's constructor, so the caller's trust_remote_code reaches it.
             base_model = load_base_model(config, trust_remote_code=trust_remote_code)
         model = cls(config, base_model=base_model, attn_implementation=attn_implementation, **model_kwargs)
