@@ -301,7 +301,8 @@ def make_class_incremental_splits(
     position = {int(c): p for p, c in enumerate(order)}
     train_remapped = np.array([position.get(int(c), -1) for c in train_labels], dtype=np.int64)
     test_remapped = np.array([position.get(int(c), -1) for c in test_labels], dtype=np.int64)
-    untested = [int(c) for c in order if int(c) not in set(test_labels.tolist())]
+    tested = set(np.unique(test_labels).tolist())
+    untested = [int(c) for c in order if int(c) not in tested]
     if untested:
         names = [_class_name(train.features[label_column], c) for c in untested]
         warnings.warn(
