@@ -31,13 +31,24 @@ from .data import ContinualSplits, collate, memory_subset, with_image_transform
 from .fileio import atomic_write_text, replace_dir, staging_dir
 from .hub import card_kwargs_from_results
 from .memory import memory_update_timing, update_memory
-from .metrics import AccuracyMatrix, plot_accuracy_curves, plot_accuracy_matrix, summarize, write_results_json
+from .metrics import (
+    AccuracyMatrix,
+    load_continual_learning_metric,
+    plot_accuracy_curves,
+    plot_accuracy_matrix,
+    write_results_json,
+)
 from .model import PGPModel
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-task-"
 STATE_NAME = "continual_state.json"
+
+
+def continual_scores(matrix: AccuracyMatrix) -> dict[str, Any]:
+    """The packaged `evaluate` continual-learning metric on `matrix` (see `metrics.summarize`)."""
+    return load_continual_learning_metric().compute(accuracy_matrix=matrix.values.tolist())
 
 
 class ProjectionCallback(TrainerCallback):
@@ -436,8 +447,8 @@ class ContinualTrainer(Trainer):
                 cil, til = self.evaluate_task(evaluated)
                 result.accuracy.record(task_id, evaluated, cil)
                 result.task_il_accuracy.record(task_id, evaluated, til)
-            result.summary = summarize(result.accuracy.values)
-            result.summary["task_il"] = summarize(result.task_il_accuracy.values)
+            result.summary = continual_scores(result.accuracy)
+            result.summary["task_il"] = continual_scores(result.task_il_accuracy)
             self.log(
                 {
                     "average_accuracy": result.summary["average_accuracy"],
@@ -450,8 +461,8 @@ class ContinualTrainer(Trainer):
             for callback in self.task_end_callbacks:
                 callback(self, task_id, result)
         if start >= num_tasks:
-            result.summary = summarize(result.accuracy.values)
-            result.summary["task_il"] = summarize(result.task_il_accuracy.values)
+            result.summary = continual_scores(result.accuracy)
+            result.summary["task_il"] = continual_scores(result.task_il_accuracy)
         return result
 
     def results_payload(self, result: ContinualResult) -> dict[str, Any]:
