@@ -1,4 +1,4 @@
-"""PGPModel and VisionBackbone behaviour on a tiny random ViT (ALGORITHM.md §4, §7 item 7)."""
+"""PGPModel and VisionBackbone behaviour on a tiny random ViT (docs/ALGORITHM.md §4, §7 item 7)."""
 
 from __future__ import annotations
 

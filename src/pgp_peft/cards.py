@@ -17,15 +17,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .metrics import matrix_to_markdown
 
 __all__ = [
     "PAPER_CITATION",
     "TEMPLATE_NAME",
     "build_model_card",
-    "canonical_template_path",
-    "packaged_template_path",
     "template_path",
 ]
 
@@ -69,29 +70,15 @@ _PGP_SETTINGS: tuple[str, ...] = ("projection_space", "prompt_threshold", "key_t
 _HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
-def canonical_template_path() -> Path:
-    """``model_cards/pgp_model_card.md`` of the source checkout (may not exist in an installed package)."""
-    return Path(__file__).resolve().parents[2] / "model_cards" / TEMPLATE_NAME
-
-
-def packaged_template_path() -> Path:
-    """The copy shipped inside the package (``pgp_peft/templates/pgp_model_card.md``)."""
-    return Path(__file__).resolve().parent / "templates" / TEMPLATE_NAME
-
-
 def template_path() -> Path:
-    """The template to render: the checkout's canonical copy when present, else the packaged one."""
-    canonical = canonical_template_path()
-    in_checkout = (canonical.parents[1] / "src" / LIBRARY_NAME).is_dir()
-    if in_checkout and canonical.is_file():
-        return canonical
-    packaged = packaged_template_path()
-    if packaged.is_file():
-        return packaged
-    raise FileNotFoundError(
-        f"Model card template not found at {canonical} or {packaged} "
-        "(is package-data 'templates/*.md' included in the build?)"
-    )
+    """The model-card template shipped in the package (``pgp_peft/templates/pgp_model_card.md``), the
+    only copy: ``model_cards/`` of the repository points to it."""
+    path = Path(__file__).resolve().parent / "templates" / TEMPLATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Model card template not found at {path} (is package-data 'templates/*.md' included in the build?)"
+        )
+    return path
 
 
 def build_model_card(
@@ -264,16 +251,8 @@ class _Summary:
         return [(label, f"{self.metrics[key]:.2f}") for key, label in labels if self.metrics[key] is not None]
 
     def matrix_table(self) -> str:
-        """Markdown table, same layout as ``pgp_peft.metrics.matrix_to_markdown``."""
-        header = ["task"] + [f"after {t}" for t in range(self.num_tasks)]
-        lines = [
-            "| " + " | ".join(header) + " |",
-            "|" + "|".join(["---"] + ["---:"] * self.num_tasks) + "|",
-        ]
-        for i, row in enumerate(self.matrix):
-            cells = [str(i)] + ["-" if value is None else f"{value:.2f}" for value in row]
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+        """Markdown table of the accuracy matrix (``pgp_peft.metrics.matrix_to_markdown``)."""
+        return matrix_to_markdown(np.array(self.matrix, dtype=np.float64))
 
 
 def _optional_float(value: Any) -> float | None:

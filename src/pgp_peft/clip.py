@@ -1,6 +1,6 @@
 """CLIP-PGP: a shared image prompt in CLIP's vision tower + a CoOp text context per task.
 
-The model (ALGORITHM.md §2 CLIP row, §4 CLIP; the authors' `clip-pgp` code):
+The model (docs/ALGORITHM.md §2 CLIP row, §4 CLIP; the authors' `clip-pgp` code):
 
 * Image side. One prompt of `image_prompt_length` tokens, shared by all tasks, is inserted right after
   CLS by `VisionBackbone`'s embeddings hook: `[CLS, prompt, patches]`. The hook runs on the output of

@@ -85,7 +85,7 @@ class AdapterHubMixin(PyTorchModelHubMixin):
         return None
 
     def generate_model_card(self, *args: Any, **kwargs: Any):
-        """The pgp_peft model card (model_cards/pgp_model_card.md) filled from the config and run results."""
+        """The pgp_peft model card (pgp_peft/templates/pgp_model_card.md) filled from the config and run results."""
         from .cards import build_model_card
 
         return build_model_card(config=self._config_payload(), **kwargs)

@@ -1,6 +1,6 @@
 """Continual-learning metrics: the accuracy matrix, average accuracy, forgetting, BWT, plots.
 
-Conventions (ALGORITHM.md §5):
+Conventions (docs/ALGORITHM.md §5):
 
 - ``A[i, t]`` is the accuracy in percent (0..100) on task ``i``'s test set after training
   task ``t``; ``NaN`` where it was not measured (always for ``i > t``: task not yet seen).

@@ -229,7 +229,7 @@ class PGPModel(
         task = task_id if isinstance(task_id, torch.Tensor) else torch.tensor(task_id)
         task = task.to(device).reshape(-1).expand(batch)
         if bool(((task + 1) * top_k > self.config.pool_size).any()):
-            return None  # RECIPES.md: with 20 tasks and a pool of 10, later tasks select by key
+            return None  # docs/RECIPES.md: with 20 tasks and a pool of 10, later tasks select by key
         return task.unsqueeze(1) * top_k + torch.arange(top_k, device=device)
 
     def forward_features(
