@@ -311,29 +311,35 @@ def resolve_builtin(name: str | None) -> str | None:
 def load_backbone(
     name: str | None, revision: str | None = None, config_overrides: dict[str, Any] | None = None
 ):
-    """Load a frozen-backbone candidate (ViTModel without pooler, or CLIPModel) from a Hub id, a local
-    folder or a built-in name, with `config_overrides` (e.g. layer_norm_eps) applied to its config."""
+    """Load a frozen-backbone candidate (ViTModel / DeiTModel without pooler, Dinov2Model, or CLIPModel)
+    from a Hub id, a local folder or a built-in name, with `config_overrides` (e.g. layer_norm_eps)
+    applied to its config."""
     name = resolve_builtin(name)
     if not name:
         raise ValueError(
             "no base model given: pass base_model=... or set config.base_model_name_or_path "
             "(e.g. 'google/vit-base-patch16-224-in21k')"
         )
-    from transformers import AutoConfig, CLIPModel, ViTModel
+    from transformers import AutoConfig
+
+    from .backbones import family_of_model_type
 
     try:
         config = AutoConfig.from_pretrained(name, revision=revision, **(config_overrides or {}))
-        if config.model_type == "vit":
-            return ViTModel.from_pretrained(name, revision=revision, config=config, add_pooling_layer=False)
-        if config.model_type == "clip":
-            return CLIPModel.from_pretrained(name, revision=revision, config=config)
+        family = family_of_model_type(config.model_type)
+        if family is not None:
+            # The family's last class is the full model (CLIPModel: both towers, for CLIP-PGP's text side).
+            model_class = family.model_classes[-1]
+            return model_class.from_pretrained(name, revision=revision, config=config, **family.load_kwargs)
     except OSError as error:
         raise OSError(
             f"could not load the base model {name!r} at revision {revision!r}: {error}\n"
             "If you are offline, load the backbone yourself and pass it: "
             "PGPModel.from_pretrained(repo, base_model=ViTModel.from_pretrained(local_dir))"
         ) from error
-    raise TypeError(f"base model {name!r} is a {config.model_type!r} model; pgp_peft supports ViT and CLIP")
+    raise TypeError(
+        f"base model {name!r} is a {config.model_type!r} model; pgp_peft supports ViT, DeiT, DINOv2 and CLIP"
+    )
 
 
 def load_base_model(config: PromptGradientProjectionConfig) -> nn.Module:

@@ -48,8 +48,9 @@ class PGPModel(
 
     Args:
         config: the adapter configuration.
-        base_model: the backbone (ViTModel, CLIPVisionModel or CLIPModel). If None it is loaded
-            from `config.base_model_name_or_path` at `config.revision`.
+        base_model: the backbone (`backbones.SUPPORTED_MODELS`: ViTModel, DeiTModel, Dinov2Model,
+            CLIPVisionModel, CLIPModel). If None it is loaded from `config.base_model_name_or_path` at
+            `config.revision`.
         attn_implementation: `"pgp_sdpa"` or `"pgp_eager"`; default follows the backbone's.
     """
 
@@ -68,7 +69,7 @@ class PGPModel(
             base_model = load_base_model(config)
         self.backbone: VisionBackbone = build_backbone(base_model, attn_implementation)
         config.validate(num_hidden_layers=self.backbone.num_layers)
-        if config.method == "clip" and not self.backbone.is_clip:
+        if config.method == "clip" and self.backbone.family.name != "clip":
             raise TypeError("method='clip' needs a CLIPModel backbone")
         if config.method != "clip" and config.num_classes is None:
             raise ValueError(
