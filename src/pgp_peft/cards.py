@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .metrics import matrix_to_markdown
 
@@ -41,7 +41,8 @@ PAPER_CITATION = """@inproceedings{qiao2024prompt,
 }"""
 
 _METHOD_NAMES: dict[str, str] = {"l2p": "L2P", "dualprompt": "DualPrompt", "clip": "CLIP"}
-_BASE_TAGS: tuple[str, ...] = ("pgp_peft", "continual-learning", "prompt-tuning", "image-classification")
+# The one library name and base tag list of pgp_peft adapters (model cards and the Hub mixin).
+BASE_TAGS: tuple[str, ...] = ("pgp_peft", "continual-learning", "prompt-tuning", "image-classification")
 _CONTENTS: dict[str, str] = {
     "l2p": "the prompt pool, its keys and the classification head",
     "dualprompt": "the G-prompt, the E-prompt pool, its keys and the classification head",
@@ -66,8 +67,6 @@ _METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
     "clip": ("image_prompt_length", "text_context_length", "text_template"),
 }
 _PGP_SETTINGS: tuple[str, ...] = ("projection_space", "prompt_threshold", "key_threshold", "memory_samples")
-# Hub repo id ("name" or "namespace/name"); anything else (a local path) is not a valid `base_model`.
-_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def template_path() -> Path:
@@ -135,7 +134,7 @@ def build_model_card(
 
     card_data = ModelCardData(
         library_name=LIBRARY_NAME,
-        tags=[*_BASE_TAGS, method, *(["pgp"] if use_pgp else [])],
+        tags=[*BASE_TAGS, method, *(["pgp"] if use_pgp else [])],
         base_model=base_model if _is_hub_repo_id(base_model) else None,
         datasets=[hub_dataset] if hub_dataset else None,
         pipeline_tag="image-classification",
@@ -264,8 +263,12 @@ def _optional_float(value: Any) -> float | None:
 
 
 def _is_hub_repo_id(name: Any) -> bool:
-    """Whether ``name`` looks like a Hub model id rather than a local path."""
-    if not isinstance(name, str) or not _HUB_REPO_ID.fullmatch(name) or ".." in name:
+    """Whether ``name`` is a valid Hub repo id (``validate_repo_id``) and not an existing local path."""
+    if not isinstance(name, str):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
         return False
     return not Path(name).expanduser().exists()
 

@@ -22,11 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .cards import LIBRARY_NAME
 from .config import CONFIG_NAME, PromptGradientProjectionConfig
 from .fileio import atomic_write_text, publish_files, staging_dir
 
 WEIGHTS_NAME = "model.safetensors"
-LIBRARY_NAME = "pgp_peft"
 RUN_FILES = ("results.json", "accuracy_matrix.png", "accuracy_curves.png")
 
 

@@ -17,8 +17,9 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .backbones import VisionBackbone, build_backbone
+from .cards import BASE_TAGS, LIBRARY_NAME
 from .config import PromptGradientProjectionConfig
-from .hub import LIBRARY_NAME, AdapterHubMixin, load_base_model
+from .hub import AdapterHubMixin, load_base_model
 from .projection import NullSpaceMemory, check_reference_memory_size, project_update_
 from .prompts import ImagePrompt, L2PPromptPool, PrefixPromptPool, PromptSelection
 
@@ -40,7 +41,7 @@ class PGPModel(
     nn.Module,
     AdapterHubMixin,
     library_name=LIBRARY_NAME,
-    tags=["pgp_peft", "continual-learning", "prompt-tuning", "image-classification"],
+    tags=list(BASE_TAGS),
     repo_url="https://github.com/JingyangQiao/prompt-gradient-projection",
     paper_url="https://openreview.net/forum?id=EH2O3h7sBI",
 ):
