@@ -124,8 +124,10 @@ class BackboneFamily:
             models, as the L2P reference) or none (CLIP, as the CLIP-PGP reference).
         final_norm: the final LayerNorm `VisionBackbone` applies to every token itself (CLIP applies its
             `post_layernorm` to the pooled token only), or None when `last_hidden_state` is already normed.
-        load_kwargs: extra `from_pretrained` kwargs when loading a checkpoint of the family by name (the
-            pooler is not used: the adapter reads the final token states).
+        load_class: the class a checkpoint of the family is loaded as by name (CLIP: the full CLIPModel,
+            whose text tower CLIP-PGP needs).
+        load_kwargs: extra `from_pretrained` kwargs for `load_class` (the pooler is not used: the adapter
+            reads the final token states).
     """
 
     name: str
@@ -135,6 +137,7 @@ class BackboneFamily:
     attention: str
     cls_position_embedding: Callable[[nn.Module], torch.Tensor]
     prompts_take_cls_position: bool
+    load_class: type[nn.Module]
     final_norm: str | None = None
     load_kwargs: dict = field(default_factory=dict)
 
@@ -151,6 +154,7 @@ BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
     BackboneFamily(
         name="vit",
         model_classes=(ViTModel,),
+        load_class=ViTModel,
         vision=_itself,
         layers=lambda vision: vision.layers,
         attention="attention",
@@ -163,6 +167,7 @@ BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
     BackboneFamily(
         name="deit",
         model_classes=(DeiTModel,),
+        load_class=DeiTModel,
         vision=_itself,
         layers=lambda vision: vision.layers,
         attention="attention",
@@ -173,6 +178,7 @@ BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
     BackboneFamily(
         name="dinov2",
         model_classes=(Dinov2Model,),
+        load_class=Dinov2Model,
         vision=_itself,
         layers=lambda vision: vision.encoder.layer,
         attention="attention",
@@ -182,6 +188,7 @@ BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
     BackboneFamily(
         name="clip",
         model_classes=(CLIPVisionModel, CLIPModel),
+        load_class=CLIPModel,
         vision=lambda model: model.vision_model if isinstance(model, CLIPModel) else model,
         layers=lambda vision: vision.encoder.layers,
         attention="self_attn",

@@ -328,9 +328,9 @@ def load_backbone(
         config = AutoConfig.from_pretrained(name, revision=revision, **(config_overrides or {}))
         family = family_of_model_type(config.model_type)
         if family is not None:
-            # The family's last class is the full model (CLIPModel: both towers, for CLIP-PGP's text side).
-            model_class = family.model_classes[-1]
-            return model_class.from_pretrained(name, revision=revision, config=config, **family.load_kwargs)
+            return family.load_class.from_pretrained(
+                name, revision=revision, config=config, **family.load_kwargs
+            )
     except OSError as error:
         raise OSError(
             f"could not load the base model {name!r} at revision {revision!r}: {error}\n"
