@@ -15,25 +15,25 @@ Two mechanisms, both leaving the user's model untouched except where the adapter
   can record the queries PGP protects. The matching mask functions are registered too, otherwise
   transformers silently drops padding masks for an unknown implementation name.
 
-A `VisionBackbone` wraps one supported model (ViTModel, CLIPVisionModel, the vision tower of
-CLIPModel) behind one interface, so prompt code never branches on the model class.
+A `VisionBackbone` wraps one supported model (ViTModel, DeiTModel, Dinov2Model, CLIPVisionModel, the
+vision tower of CLIPModel) behind one interface, so prompt code never branches on the model class. What
+differs between these families is data: one `BackboneFamily` row each in `BACKBONE_FAMILIES`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, CLIPModel, CLIPVisionModel, ViTModel
+from transformers import AttentionInterface, CLIPModel, CLIPVisionModel, DeiTModel, Dinov2Model, ViTModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 PREFIX_KWARG = "pgp_prefixes"
 QUERY_RECORDER_KWARG = "pgp_query_recorder"
-SUPPORTED_MODELS = (ViTModel, CLIPVisionModel, CLIPModel)
 
 QueryRecorder = Callable[[int, torch.Tensor], None]
 Prefixes = dict[int, tuple[torch.Tensor, torch.Tensor]]
@@ -107,6 +107,115 @@ for _name, (_, _fn, _mask) in PGP_ATTENTION.items():
     AttentionMaskInterface.register(_name, _mask)
 
 
+# ----------------------------------------------------------------------------- backbone families
+@dataclass(frozen=True)
+class BackboneFamily:
+    """What differs between the supported vision transformers; everything else is shared.
+
+    Attributes:
+        name: the family (`config.model_type` of the checkpoints it loads).
+        model_classes: the transformers classes of the family `VisionBackbone` accepts.
+        vision: model -> the vision transformer inside it (CLIPModel: `vision_model`).
+        layers: vision transformer -> its transformer layers, in order.
+        attention: the attribute of a layer holding the attention module that calls the attention
+            function (where the layer index for prefixes and query recording is set).
+        cls_position_embedding: embeddings module -> (D,) the position embedding of the CLS slot.
+        prompts_take_cls_position: whether inserted prompt tokens get the CLS position embedding (ViT-style
+            models, as the L2P reference) or none (CLIP, as the CLIP-PGP reference).
+        final_norm: the final LayerNorm `VisionBackbone` applies to every token itself (CLIP applies its
+            `post_layernorm` to the pooled token only), or None when `last_hidden_state` is already normed.
+        load_class: the class a checkpoint of the family is loaded as by name (CLIP: the full CLIPModel,
+            whose text tower CLIP-PGP needs).
+        load_kwargs: extra `from_pretrained` kwargs for `load_class` (the pooler is not used: the adapter
+            reads the final token states).
+    """
+
+    name: str
+    model_classes: tuple[type[nn.Module], ...]
+    vision: Callable[[nn.Module], nn.Module]
+    layers: Callable[[nn.Module], nn.ModuleList]
+    attention: str
+    cls_position_embedding: Callable[[nn.Module], torch.Tensor]
+    prompts_take_cls_position: bool
+    load_class: type[nn.Module]
+    final_norm: str | None = None
+    load_kwargs: dict = field(default_factory=dict)
+
+
+def _itself(model: nn.Module) -> nn.Module:
+    return model
+
+
+def _vit_cls_position(embeddings: nn.Module) -> torch.Tensor:
+    return embeddings.position_embeddings[0, 0]
+
+
+BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
+    BackboneFamily(
+        name="vit",
+        model_classes=(ViTModel,),
+        load_class=ViTModel,
+        vision=_itself,
+        layers=lambda vision: vision.layers,
+        attention="attention",
+        cls_position_embedding=_vit_cls_position,
+        prompts_take_cls_position=True,
+        load_kwargs={"add_pooling_layer": False},
+    ),
+    # DeiT: [CLS, distillation token, patches]; prompts go after CLS, the distillation token stays a token
+    # like the patches (its head, DeiTForImageClassificationWithTeacher's, is not part of DeiTModel).
+    BackboneFamily(
+        name="deit",
+        model_classes=(DeiTModel,),
+        load_class=DeiTModel,
+        vision=_itself,
+        layers=lambda vision: vision.layers,
+        attention="attention",
+        cls_position_embedding=_vit_cls_position,
+        prompts_take_cls_position=True,
+        load_kwargs={"add_pooling_layer": False},
+    ),
+    BackboneFamily(
+        name="dinov2",
+        model_classes=(Dinov2Model,),
+        load_class=Dinov2Model,
+        vision=_itself,
+        layers=lambda vision: vision.encoder.layer,
+        attention="attention",
+        cls_position_embedding=_vit_cls_position,
+        prompts_take_cls_position=True,
+    ),
+    BackboneFamily(
+        name="clip",
+        model_classes=(CLIPVisionModel, CLIPModel),
+        load_class=CLIPModel,
+        vision=lambda model: model.vision_model if isinstance(model, CLIPModel) else model,
+        layers=lambda vision: vision.encoder.layers,
+        attention="self_attn",
+        cls_position_embedding=lambda embeddings: embeddings.position_embedding.weight[0],
+        prompts_take_cls_position=False,
+        final_norm="post_layernorm",
+    ),
+)
+SUPPORTED_MODELS: tuple[type[nn.Module], ...] = tuple(
+    cls for family in BACKBONE_FAMILIES for cls in family.model_classes
+)
+
+
+def backbone_family(model: nn.Module) -> BackboneFamily:
+    """The family of `model`; `TypeError` naming the supported classes otherwise."""
+    for family in BACKBONE_FAMILIES:
+        if isinstance(model, family.model_classes):
+            return family
+    names = ", ".join(cls.__name__ for cls in SUPPORTED_MODELS)
+    raise TypeError(f"pgp_peft supports {names}; got {type(model).__name__}")
+
+
+def family_of_model_type(model_type: str) -> BackboneFamily | None:
+    """The family whose checkpoints have `config.model_type == model_type`, or None."""
+    return next((family for family in BACKBONE_FAMILIES if family.name == model_type), None)
+
+
 # ----------------------------------------------------------------------------- the backbone wrapper
 @dataclass
 class _PromptedPass:
@@ -123,27 +232,18 @@ class VisionBackbone(nn.Module):
 
     def __init__(self, model: nn.Module, attn_implementation: str | None = None) -> None:
         super().__init__()
-        if not isinstance(model, SUPPORTED_MODELS):
-            names = ", ".join(cls.__name__ for cls in SUPPORTED_MODELS)
-            raise TypeError(f"pgp_peft supports {names}; got {type(model).__name__}")
+        self.family = backbone_family(model)
         self.model = model
-        self.is_clip = isinstance(model, (CLIPVisionModel, CLIPModel))
-        vision = model.vision_model if isinstance(model, CLIPModel) else model
+        vision = self.family.vision(model)
         self.vision = vision
         config = vision.config
         self.hidden_size = config.hidden_size
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
         self.image_size = config.image_size
-        if self.is_clip:
-            self.embeddings = vision.embeddings
-            layers = vision.encoder.layers
-            attentions = [layer.self_attn for layer in layers]
-        else:
-            self.embeddings = vision.embeddings
-            attentions = [layer.attention for layer in vision.layers]
-        for index, attention in enumerate(attentions):
-            attention.pgp_layer_index = index
+        self.embeddings = vision.embeddings
+        for index, layer in enumerate(self.family.layers(vision)):
+            getattr(layer, self.family.attention).pgp_layer_index = index
 
         current = config._attn_implementation or "sdpa"
         if attn_implementation is None:
@@ -168,10 +268,8 @@ class VisionBackbone(nn.Module):
         return self
 
     def cls_position_embedding(self) -> torch.Tensor:
-        """(D,) the position embedding of the CLS slot, which prompt tokens share."""
-        if self.is_clip:
-            return self.embeddings.position_embedding.weight[0]
-        return self.embeddings.position_embeddings[0, 0]
+        """(D,) the position embedding of the CLS slot (which prompt tokens share in ViT-style models)."""
+        return self.family.cls_position_embedding(self.embeddings)
 
     def _embeddings_hook(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         state = self._pass
@@ -182,7 +280,7 @@ class VisionBackbone(nn.Module):
         if state.prompt_tokens is None:
             return output
         prompts = state.prompt_tokens.to(output.dtype)
-        if not self.is_clip:
+        if self.family.prompts_take_cls_position:
             prompts = prompts + self.cls_position_embedding().to(output.dtype)
         return torch.cat([output[:, :1], prompts, output[:, 1:]], dim=1)
 
@@ -206,7 +304,8 @@ class VisionBackbone(nn.Module):
     ) -> torch.Tensor:
         """pixel_values (B, C, H, W); prompt_tokens (B, Lp, D) inserted after CLS; prefixes
         {layer: (key (B, L, D), value (B, L, D))}. Returns token states (B, N, D) after the final
-        LayerNorm (CLIP: `post_layernorm`, which CLIP applies to the pooled token, applied to all)."""
+        LayerNorm (CLIP: `post_layernorm`, which CLIP applies to the pooled token, applied to all; see
+        `BackboneFamily.final_norm`)."""
         kwargs = {}
         if prefixes:
             kwargs[PREFIX_KWARG] = prefixes
@@ -218,8 +317,8 @@ class VisionBackbone(nn.Module):
         with self._prompted(state):
             outputs = self.vision(pixel_values=pixel_values, **kwargs)
         hidden = outputs.last_hidden_state
-        if self.is_clip:
-            hidden = self.vision.post_layernorm(hidden)
+        if self.family.final_norm is not None:
+            hidden = getattr(self.vision, self.family.final_norm)(hidden)
         return hidden
 
     @torch.no_grad()

@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from .metrics import matrix_to_markdown
 
 __all__ = [
     "PAPER_CITATION",
     "TEMPLATE_NAME",
     "build_model_card",
-    "canonical_template_path",
-    "packaged_template_path",
     "template_path",
 ]
 
@@ -40,7 +41,8 @@ PAPER_CITATION = """@inproceedings{qiao2024prompt,
 }"""
 
 _METHOD_NAMES: dict[str, str] = {"l2p": "L2P", "dualprompt": "DualPrompt", "clip": "CLIP"}
-_BASE_TAGS: tuple[str, ...] = ("pgp_peft", "continual-learning", "prompt-tuning", "image-classification")
+# The one library name and base tag list of pgp_peft adapters (model cards and the Hub mixin).
+BASE_TAGS: tuple[str, ...] = ("pgp_peft", "continual-learning", "prompt-tuning", "image-classification")
 _CONTENTS: dict[str, str] = {
     "l2p": "the prompt pool, its keys and the classification head",
     "dualprompt": "the G-prompt, the E-prompt pool, its keys and the classification head",
@@ -65,37 +67,21 @@ _METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
     "clip": ("image_prompt_length", "text_context_length", "text_template"),
 }
 _PGP_SETTINGS: tuple[str, ...] = ("projection_space", "prompt_threshold", "key_threshold", "memory_samples")
-# Hub repo id ("name" or "namespace/name"); anything else (a local path) is not a valid `base_model`.
-_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 # Built-in data drawn from a Hub dataset: the card's `datasets` metadata names that source (the text
 # says it is a subset; the model-index results stay "custom"). The built-in backbone has no Hub repo,
 # so it gets no `base_model` metadata (the Hub only accepts existing model ids there).
 _HUB_SOURCE_OF_BUILTIN_DATA = {"pgp_peft:fashion_mnist_demo": "zalando-datasets/fashion_mnist"}
 
 
-def canonical_template_path() -> Path:
-    """``model_cards/pgp_model_card.md`` of the source checkout (may not exist in an installed package)."""
-    return Path(__file__).resolve().parents[2] / "model_cards" / TEMPLATE_NAME
-
-
-def packaged_template_path() -> Path:
-    """The copy shipped inside the package (``pgp_peft/templates/pgp_model_card.md``)."""
-    return Path(__file__).resolve().parent / "templates" / TEMPLATE_NAME
-
-
 def template_path() -> Path:
-    """The template to render: the checkout's canonical copy when present, else the packaged one."""
-    canonical = canonical_template_path()
-    in_checkout = (canonical.parents[1] / "src" / LIBRARY_NAME).is_dir()
-    if in_checkout and canonical.is_file():
-        return canonical
-    packaged = packaged_template_path()
-    if packaged.is_file():
-        return packaged
-    raise FileNotFoundError(
-        f"Model card template not found at {canonical} or {packaged} "
-        "(is package-data 'templates/*.md' included in the build?)"
-    )
+    """The model-card template shipped in the package (``pgp_peft/templates/pgp_model_card.md``), the
+    only copy: ``model_cards/`` of the repository points to it."""
+    path = Path(__file__).resolve().parent / "templates" / TEMPLATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Model card template not found at {path} (is package-data 'templates/*.md' included in the build?)"
+        )
+    return path
 
 
 def build_model_card(
@@ -152,7 +138,7 @@ def build_model_card(
 
     card_data = ModelCardData(
         library_name=LIBRARY_NAME,
-        tags=[*_BASE_TAGS, method, *(["pgp"] if use_pgp else [])],
+        tags=[*BASE_TAGS, method, *(["pgp"] if use_pgp else [])],
         base_model=base_model if _is_hub_repo_id(base_model) else None,
         datasets=[hub_dataset or _HUB_SOURCE_OF_BUILTIN_DATA.get(dataset_id)]
         if (hub_dataset or dataset_id in _HUB_SOURCE_OF_BUILTIN_DATA)
@@ -270,16 +256,8 @@ class _Summary:
         return [(label, f"{self.metrics[key]:.2f}") for key, label in labels if self.metrics[key] is not None]
 
     def matrix_table(self) -> str:
-        """Markdown table, same layout as ``pgp_peft.metrics.matrix_to_markdown``."""
-        header = ["task"] + [f"after {t}" for t in range(self.num_tasks)]
-        lines = [
-            "| " + " | ".join(header) + " |",
-            "|" + "|".join(["---"] + ["---:"] * self.num_tasks) + "|",
-        ]
-        for i, row in enumerate(self.matrix):
-            cells = [str(i)] + ["-" if value is None else f"{value:.2f}" for value in row]
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+        """Markdown table of the accuracy matrix (``pgp_peft.metrics.matrix_to_markdown``)."""
+        return matrix_to_markdown(np.array(self.matrix, dtype=np.float64))
 
 
 def _optional_float(value: Any) -> float | None:
@@ -291,8 +269,12 @@ def _optional_float(value: Any) -> float | None:
 
 
 def _is_hub_repo_id(name: Any) -> bool:
-    """Whether ``name`` looks like a Hub model id rather than a local path."""
-    if not isinstance(name, str) or not _HUB_REPO_ID.fullmatch(name) or ".." in name:
+    """Whether ``name`` is a valid Hub repo id (``validate_repo_id``) and not an existing local path."""
+    if not isinstance(name, str):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
         return False
     return not Path(name).expanduser().exists()
 

@@ -1,6 +1,6 @@
 """CLIP-PGP: a shared image prompt in CLIP's vision tower + a CoOp text context per task.
 
-The model (ALGORITHM.md §2 CLIP row, §4 CLIP; the authors' `clip-pgp` code):
+The model (docs/ALGORITHM.md §2 CLIP row, §4 CLIP; the authors' `clip-pgp` code):
 
 * Image side. One prompt of `image_prompt_length` tokens, shared by all tasks, is inserted right after
   CLS by `VisionBackbone`'s embeddings hook: `[CLS, prompt, patches]`. The hook runs on the output of
@@ -12,8 +12,11 @@ The model (ALGORITHM.md §2 CLIP row, §4 CLIP; the authors' `clip-pgp` code):
   (before `ln_pre`). The image feature is `visual_projection(post_layernorm(CLS))` of the prompted pass.
 * Text side. A CoOp context of `text_context_length` vectors per task, N(0, 0.02²) initialised. Class c
   is described by `[SOS, context of the task that introduced c, tokens of text_template.format(name),
-  EOS, pad]` (CoOp's "X X ... X {name}." with the X's replaced by learned vectors) and encoded by CLIP's
-  frozen text transformer (causal mask, pooled at EOS, `text_projection`).
+  EOS, pad]` (CoOp's "X X ... X {name}." with the X's replaced by learned vectors) and encoded by
+  `CLIPModel.get_text_features` itself (causal mask, pooled at EOS, `text_projection`): the class prompts
+  are tokenized once with placeholder ids in the context slots, and a forward hook on the text tower's
+  `token_embedding` replaces the placeholders' embeddings with the task contexts while
+  `class_text_features` runs (the hook is inert otherwise). No transformers internals are re-run.
 * Logits = exp(logit_scale) · cos(image feature, class text feature), then the usual class mask.
 * PGP protects the image prompt (space `"image_prompt"`) with the basis of the vision embeddings the
   prompt meets (`clip_memory_rows`, the reference's `act['rep']`); the text contexts are not projected.
@@ -28,31 +31,26 @@ introduces at least one class, so there are never more tasks than classes; unuse
 L_ctx·H_text floats each).
 
 Tokenizer: only needed at construction, to tokenize the class prompts once. Pass `tokenizer=` to the
-constructor or to `CLIPPGPModel.from_pretrained`; otherwise it is loaded with `AutoTokenizer` from
+constructor or to `PGPModel.from_pretrained`; otherwise it is loaded with `AutoTokenizer` from
 `config.base_model_name_or_path` @ `revision` (the CLIP checkpoint's own tokenizer), with an error
 that says how to pass one when that fails (e.g. offline).
 """
 
 from __future__ import annotations
 
-import contextvars
-import os
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import CLIPModel
-from transformers.masking_utils import create_causal_mask
 
 from .config import PromptGradientProjectionConfig
 from .model import PGPModel
 
 __all__ = ["CLIPPGPModel", "load_clip_tokenizer"]
-
-# The tokenizer handed to `CLIPPGPModel.from_pretrained`, seen by the constructor that the inherited
-# `PGPModel.from_pretrained` calls as `cls(config, base_model=..., attn_implementation=...)`.
-_PENDING_TOKENIZER: contextvars.ContextVar[Any] = contextvars.ContextVar("pgp_clip_tokenizer", default=None)
 
 CONTEXT_INIT_STD = 0.02  # CoOp
 
@@ -62,7 +60,7 @@ def _tokenizer_help(name: str | None) -> str:
     return (
         f"CLIPPGPModel needs the CLIP tokenizer to build its class prompts and could not load it {where}. "
         "Pass one explicitly: CLIPPGPModel(config, base_model=clip, tokenizer=CLIPTokenizer.from_pretrained("
-        "local_dir)) or CLIPPGPModel.from_pretrained(adapter, base_model=clip, tokenizer=...). A local copy of a "
+        "local_dir)) or PGPModel.from_pretrained(adapter, base_model=clip, tokenizer=...). A local copy of a "
         "CLIP checkpoint (e.g. openai/clip-vit-base-patch16) holds the tokenizer files (tokenizer.json, or "
         "vocab.json + merges.txt)."
     )
@@ -115,8 +113,6 @@ class CLIPPGPModel(PGPModel):
                 "dataset.features['label'].names."
             )
         if tokenizer is None:
-            tokenizer = _PENDING_TOKENIZER.get()
-        if tokenizer is None:
             # Before loading the backbone, so a missing tokenizer fails fast.
             name = config.base_model_name_or_path or getattr(base_model, "name_or_path", None) or None
             tokenizer = load_clip_tokenizer(name, config.revision)
@@ -140,6 +136,11 @@ class CLIPPGPModel(PGPModel):
         for task, context in enumerate(self.text_contexts):
             context.requires_grad_(task == 0)
         self._build_class_prompts(tokenizer)
+        # (C, L_ctx, H_text) contexts the hook writes into the placeholder slots; None: hook inert.
+        self._pending_contexts: torch.Tensor | None = None
+        self._context_hook = clip.text_model.embeddings.token_embedding.register_forward_hook(
+            self._insert_contexts_hook
+        )
 
     # ------------------------------------------------------------------ structure
     @property
@@ -152,11 +153,12 @@ class CLIPPGPModel(PGPModel):
         return torch.stack(list(self.text_contexts))
 
     def _build_class_prompts(self, tokenizer) -> None:
-        """Tokenize `text_template.format(name)` once per class; store the ids around the context slot.
+        """Tokenize `text_template.format(name)` once per class, with placeholders for the context.
 
-        Buffers (not saved; rebuilt from the class names): `text_prefix_ids` (C, 1) SOS,
-        `text_suffix_ids` (C, S) name tokens + EOS + padding, `text_eos_index` (C,) the pooled position in
-        the full sequence [SOS, context, suffix].
+        Buffer (not saved; rebuilt from the class names): `text_input_ids` (C, 1 + L_ctx + S)
+        `[SOS, SOS × L_ctx, name tokens, EOS, pad]`. The SOS id fills the context slots: the hook replaces
+        their embeddings, and it is neither the EOS CLIP pools at (non-legacy configs) nor larger than it
+        (legacy configs pool at the largest id), so CLIP's own pooling still lands on the EOS.
         """
         text_config = self.clip.text_model.config
         template = self.config.text_template
@@ -196,8 +198,7 @@ class CLIPPGPModel(PGPModel):
                 f"({text_config.max_position_embeddings}); shorten text_context_length or the class name/template"
             )
         ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long)
-        # The position CLIPTextModel pools at, computed by its own rule on the plain prompt, then shifted
-        # by the context length (the context sits between SOS and the name).
+        # CLIPTextModel must pool at the EOS by its own rule (checked on the plain prompt).
         if text_config.eos_token_id == 2:  # legacy configs: the EOS is the largest id (see CLIPTextModel)
             # (openai/clip-* checkpoints): CLIPTextModel pools at argmax(input_ids).
             eos_index = ids.argmax(dim=-1)
@@ -208,7 +209,6 @@ class CLIPPGPModel(PGPModel):
                     "checkpoint's own tokenizer."
                 )
         else:
-            eos_index = (ids == text_config.eos_token_id).int().argmax(dim=-1)
             missing = [
                 self.config.class_names[i]
                 for i in range(len(rows))
@@ -219,41 +219,48 @@ class CLIPPGPModel(PGPModel):
                     f"the text model's eos_token_id={text_config.eos_token_id} does not occur in the prompts of "
                     f"{missing}; the tokenizer's EOS is {eos}. Use the checkpoint's own tokenizer."
                 )
-        self.register_buffer("text_prefix_ids", ids[:, :1].clone(), persistent=False)
-        self.register_buffer("text_suffix_ids", ids[:, 1:].clone(), persistent=False)
-        self.register_buffer("text_eos_index", eos_index + self.config.text_context_length, persistent=False)
+        if bos == text_config.eos_token_id:
+            raise ValueError(
+                f"the tokenizer's SOS id {bos} is the text model's eos_token_id: the context placeholders would "
+                "be pooled instead of the EOS. Use the checkpoint's own tokenizer."
+            )
+        context_slots = torch.full((len(rows), self.config.text_context_length), bos, dtype=torch.long)
+        full_ids = torch.cat([ids[:, :1], context_slots, ids[:, 1:]], dim=1)
+        self.register_buffer("text_input_ids", full_ids, persistent=False)
 
     # ------------------------------------------------------------------ text side
-    def encode_text_embeddings(self, inputs_embeds: torch.Tensor, eos_index: torch.Tensor) -> torch.Tensor:
-        """CLIP's text tower from token embeddings: inputs_embeds (N, S, H_text), eos_index (N,) -> (N, P).
+    def _insert_contexts_hook(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on `token_embedding`: output (C, 1 + L_ctx + S, H_text) with the placeholder rows
+        1 .. L_ctx replaced by the pending contexts (C, L_ctx, H_text). Inert when none are pending."""
+        contexts = self._pending_contexts
+        if contexts is None:
+            return output
+        if output.shape[0] != contexts.shape[0]:
+            raise ValueError(
+                f"the text tower was called with {output.shape[0]} sequences while {contexts.shape[0]} class "
+                "contexts were pending; only class_text_features() may run it with contexts"
+            )
+        length = contexts.shape[1]
+        return torch.cat([output[:, :1], contexts.to(output.dtype), output[:, 1 + length :]], dim=1)
 
-        `CLIPTextModel.forward` only takes input_ids, so this runs its submodules in the same order:
-        embeddings (+ positions), causal mask, encoder, final LayerNorm, EOS pooling, `text_projection`.
-        With `token_embedding(input_ids)` it reproduces `CLIPModel.get_text_features(input_ids)`.
-        """
-        text = self.clip.text_model
-        hidden = text.embeddings(inputs_embeds=inputs_embeds)
-        mask = create_causal_mask(config=text.config, inputs_embeds=hidden, attention_mask=None, cache=None)
-        hidden = text.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
-        hidden = text.final_layer_norm(hidden)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        pooled = hidden[rows, eos_index.to(hidden.device)]
-        return self.clip.text_projection(pooled)
+    @contextlib.contextmanager
+    def _contexts_inserted(self, contexts: torch.Tensor) -> Iterator[None]:
+        previous, self._pending_contexts = self._pending_contexts, contexts
+        try:
+            yield
+        finally:
+            self._pending_contexts = previous
 
-    def class_prompt_embeddings(self) -> torch.Tensor:
-        """(C, 1 + L_ctx + S, H_text): [SOS, context of the class's task, name tokens, EOS, pad] per class.
-
-        Class c uses the context of the task that introduced it (`class_task[c]`); classes not seen yet use
-        context 0 (their logits are masked unless class_mask='all').
-        """
-        embedding = self.clip.text_model.embeddings.token_embedding
-        tasks = self.class_task.clamp(min=0)
-        context = self.text_context.to(embedding.weight.dtype)[tasks]
-        return torch.cat([embedding(self.text_prefix_ids), context, embedding(self.text_suffix_ids)], dim=1)
+    def class_contexts(self) -> torch.Tensor:
+        """(C, L_ctx, H_text): the context of the task that introduced each class (`class_task[c]`);
+        classes not seen yet use context 0 (their logits are masked unless class_mask='all')."""
+        return self.text_context[self.class_task.clamp(min=0)]
 
     def class_text_features(self) -> torch.Tensor:
-        """(C, P) text features of every class (not normalised)."""
-        return self.encode_text_embeddings(self.class_prompt_embeddings(), self.text_eos_index)
+        """(C, P) text features of every class (not normalised): `CLIPModel.get_text_features` of
+        `[SOS, context of the class's task, name tokens, EOS, pad]`."""
+        with self._contexts_inserted(self.class_contexts()):
+            return self.clip.get_text_features(input_ids=self.text_input_ids).pooler_output
 
     # ------------------------------------------------------------------ image side
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -308,19 +315,3 @@ class CLIPPGPModel(PGPModel):
         super().begin_task(task_id)
         for task, context in enumerate(self.text_contexts):
             context.requires_grad_(task == int(task_id))
-
-    # ------------------------------------------------------------------ save / load
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *,
-        tokenizer: Any = None,
-        **kwargs: Any,
-    ) -> CLIPPGPModel:
-        """`PGPModel.from_pretrained` plus `tokenizer=` (else loaded from the recorded base model)."""
-        token = _PENDING_TOKENIZER.set(tokenizer)
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        finally:
-            _PENDING_TOKENIZER.reset(token)

@@ -2,7 +2,7 @@
 
 Field names follow PEFT where they mean the same thing (`base_model_name_or_path`, `revision`,
 `inference_mode`). Presets `l2p()`, `dualprompt()` and `clip()` return the paper's values
-(RECIPES.md); override any field with keyword arguments.
+(docs/RECIPES.md); override any field with keyword arguments.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class PromptGradientProjectionConfig:
 
     Projection
         use_pgp: apply Prompt Gradient Projection between tasks (False = the baseline method).
-        projection_space: `"feature"` (default, embedding-space Gram matrices, ALGORITHM.md §2) or
+        projection_space: `"feature"` (default, embedding-space Gram matrices, docs/ALGORITHM.md §2) or
             `"reference"` (the authors' sample-row PCA memory, §3; needs memory_samples == hidden size).
         prompt_threshold, key_threshold: energy thresholds ε in (0, 1] for prompt and key spaces.
         memory_samples: samples per task streamed to build the bases (None = the whole task).

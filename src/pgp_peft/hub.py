@@ -23,13 +23,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .cards import LIBRARY_NAME
 from .config import BACKBONE_CONFIG_OVERRIDES, CONFIG_NAME, PromptGradientProjectionConfig, read_config_json
 from .fileio import atomic_write_text, publish_files, staging_dir
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
-LIBRARY_NAME = "pgp_peft"
 RUN_FILES = ("results.json", "accuracy_matrix.png", "accuracy_curves.png")
 
 
@@ -88,7 +88,7 @@ class AdapterHubMixin(PyTorchModelHubMixin):
         return None
 
     def generate_model_card(self, *args: Any, **kwargs: Any):
-        """The pgp_peft model card (model_cards/pgp_model_card.md) filled from the config and run results."""
+        """The pgp_peft model card (pgp_peft/templates/pgp_model_card.md) filled from the config and run results."""
         from .cards import build_model_card
 
         return build_model_card(config=self._config_payload(), **kwargs)
@@ -382,9 +382,10 @@ def load_backbone(
     *,
     trust_remote_code: bool = False,
 ):
-    """Load a frozen-backbone candidate (ViTModel without pooler, or CLIPModel) from a Hub id, a local
-    folder or a built-in name, with `config_overrides` (only `BACKBONE_CONFIG_OVERRIDES`, e.g.
-    layer_norm_eps) applied to its config. `trust_remote_code` is passed to transformers as given."""
+    """Load a frozen-backbone candidate (ViTModel / DeiTModel without pooler, Dinov2Model, or CLIPModel)
+    from a Hub id, a local folder or a built-in name, with `config_overrides` (only
+    `BACKBONE_CONFIG_OVERRIDES`, e.g. layer_norm_eps) applied to its config. `trust_remote_code` is
+    passed to transformers as given."""
     refused = sorted(set(config_overrides or {}) - set(BACKBONE_CONFIG_OVERRIDES))
     if refused:
         raise ValueError(
@@ -397,23 +398,22 @@ def load_backbone(
             "no base model given: pass base_model=... or set config.base_model_name_or_path "
             "(e.g. 'google/vit-base-patch16-224-in21k')"
         )
-    from transformers import AutoConfig, CLIPModel, ViTModel
+    from transformers import AutoConfig
+
+    from .backbones import family_of_model_type
 
     try:
         config = AutoConfig.from_pretrained(
             name, revision=revision, trust_remote_code=trust_remote_code, **(config_overrides or {})
         )
-        if config.model_type == "vit":
-            return ViTModel.from_pretrained(
+        family = family_of_model_type(config.model_type)
+        if family is not None:
+            return family.load_class.from_pretrained(
                 name,
                 revision=revision,
                 config=config,
-                add_pooling_layer=False,
                 trust_remote_code=trust_remote_code,
-            )
-        if config.model_type == "clip":
-            return CLIPModel.from_pretrained(
-                name, revision=revision, config=config, trust_remote_code=trust_remote_code
+                **family.load_kwargs,
             )
     except OSError as error:
         raise OSError(
@@ -421,7 +421,9 @@ def load_backbone(
             "If you are offline, load the backbone yourself and pass it: "
             "PGPModel.from_pretrained(repo, base_model=ViTModel.from_pretrained(local_dir))"
         ) from error
-    raise TypeError(f"base model {name!r} is a {config.model_type!r} model; pgp_peft supports ViT and CLIP")
+    raise TypeError(
+        f"base model {name!r} is a {config.model_type!r} model; pgp_peft supports ViT, DeiT, DINOv2 and CLIP"
+    )
 
 
 def load_base_model(config: PromptGradientProjectionConfig, *, trust_remote_code: bool = False) -> nn.Module:

@@ -17,8 +17,9 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .backbones import VisionBackbone, build_backbone
+from .cards import BASE_TAGS, LIBRARY_NAME
 from .config import PromptGradientProjectionConfig
-from .hub import LIBRARY_NAME, AdapterHubMixin, load_base_model
+from .hub import AdapterHubMixin, load_base_model
 from .projection import NullSpaceMemory, check_reference_memory_size, project_update_
 from .prompts import ImagePrompt, L2PPromptPool, PrefixPromptPool, PromptSelection
 
@@ -40,7 +41,7 @@ class PGPModel(
     nn.Module,
     AdapterHubMixin,
     library_name=LIBRARY_NAME,
-    tags=["pgp_peft", "continual-learning", "prompt-tuning", "image-classification"],
+    tags=list(BASE_TAGS),
     repo_url="https://github.com/JingyangQiao/prompt-gradient-projection",
     paper_url="https://openreview.net/forum?id=EH2O3h7sBI",
 ):
@@ -48,8 +49,9 @@ class PGPModel(
 
     Args:
         config: the adapter configuration.
-        base_model: the backbone (ViTModel, CLIPVisionModel or CLIPModel). If None it is loaded
-            from `config.base_model_name_or_path` at `config.revision`.
+        base_model: the backbone (`backbones.SUPPORTED_MODELS`: ViTModel, DeiTModel, Dinov2Model,
+            CLIPVisionModel, CLIPModel). If None it is loaded from `config.base_model_name_or_path` at
+            `config.revision`.
         attn_implementation: `"pgp_sdpa"` or `"pgp_eager"`; default follows the backbone's.
     """
 
@@ -68,7 +70,7 @@ class PGPModel(
             base_model = load_base_model(config)
         self.backbone: VisionBackbone = build_backbone(base_model, attn_implementation)
         config.validate(num_hidden_layers=self.backbone.num_layers)
-        if config.method == "clip" and not self.backbone.is_clip:
+        if config.method == "clip" and self.backbone.family.name != "clip":
             raise TypeError("method='clip' needs a CLIPModel backbone")
         if config.method != "clip" and config.num_classes is None:
             raise ValueError(
@@ -229,7 +231,7 @@ class PGPModel(
         task = task_id if isinstance(task_id, torch.Tensor) else torch.tensor(task_id)
         task = task.to(device).reshape(-1).expand(batch)
         if bool(((task + 1) * top_k > self.config.pool_size).any()):
-            return None  # RECIPES.md: with 20 tasks and a pool of 10, later tasks select by key
+            return None  # docs/RECIPES.md: with 20 tasks and a pool of 10, later tasks select by key
         return task.unsqueeze(1) * top_k + torch.arange(top_k, device=device)
 
     def forward_features(
