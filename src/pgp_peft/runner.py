@@ -412,11 +412,16 @@ def run_recipe(
     tokenizer=None,
 ):
     """Run a recipe end to end; returns (model, result). Saves the adapter, results.json and plots."""
+    from transformers import set_seed
+
     from .metrics import format_matrix
     from .model import get_pgp_model
     from .trainer import ContinualTrainer
 
     _check_hub(recipe["hub"])  # before any training: a bad hub setting must not cost a run
+    # Seed before anything random is built (prompts, keys, head): the same recipe and seed give the
+    # same accuracy matrix, and a resumed run the same as an uninterrupted one.
+    set_seed(recipe["training"]["seed"])
     splits, train_transform, eval_transform = build_datasets(recipe["data"], recipe["model"], output_dir)
     config = build_adapter_config(recipe, splits.num_classes, splits.class_names)
     if backbone is None:
@@ -431,11 +436,7 @@ def run_recipe(
         args,
         splits=splits,
         train_transform=train_transform,
-        eval_transform=eval_transform,
-        # The reference L2P collects its memory at the task's start with train-time augmentation.
-        memory_transform=train_transform
-        if (config.method == "l2p" and config.projection_space == "reference")
-        else eval_transform,
+        eval_transform=eval_transform,  # memory samples: the trainer's default (training transform in reference mode)
         first_task_args=first_task_arguments(recipe),
         online=recipe["training"]["online"],
         task_end_callbacks=_hub_callbacks(recipe),
