@@ -78,6 +78,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "logging_steps": 20,
         "dataloader_num_workers": 0,
         "use_cpu": False,
+        # Also run the same recipe without projection into <output_dir>/baseline and compare.
+        "compare_baseline": False,
+        # Deterministic kernels (TrainingArguments.full_determinism): bitwise GPU repeats, slower.
+        "full_determinism": False,
+        # torch intra-op CPU threads (null: torch's default). Tiny models run fastest on 1.
+        "torch_threads": None,
     },
     "hub": {"push_to_hub": False, "hub_model_id": None, "private": None, "strategy": "end", "token": None},
 }
@@ -380,6 +386,7 @@ def build_training_arguments(recipe: dict[str, Any], output_dir: str):
         lr_scheduler_type=training["lr_scheduler"],
         max_grad_norm=training["max_grad_norm"],
         seed=training["seed"],
+        full_determinism=training["full_determinism"],
         bf16=training["bf16"],
         logging_steps=training["logging_steps"],
         save_strategy="no",
@@ -411,7 +418,11 @@ def run_recipe(
     backbone=None,
     tokenizer=None,
 ):
-    """Run a recipe end to end; returns (model, result). Saves the adapter, results.json and plots."""
+    """Run a recipe end to end; returns (model, result). Saves the adapter, results.json and plots.
+
+    Seeds `training.seed` first, so the initialisation is reproducible. With
+    `training.compare_baseline` (and PGP on), the same recipe then runs without projection into
+    `<output_dir>/baseline` and both summaries are printed side by side."""
     from transformers import set_seed
 
     from .metrics import format_matrix
@@ -422,8 +433,15 @@ def run_recipe(
     # Seed before anything random is built (prompts, keys, head): the same recipe and seed give the
     # same accuracy matrix, and a resumed run the same as an uninterrupted one.
     set_seed(recipe["training"]["seed"])
+    if recipe["training"]["torch_threads"]:
+        import torch
+
+        torch.set_num_threads(int(recipe["training"]["torch_threads"]))
     splits, train_transform, eval_transform = build_datasets(recipe["data"], recipe["model"], output_dir)
     config = build_adapter_config(recipe, splits.num_classes, splits.class_names)
+    compare = bool(recipe["training"]["compare_baseline"]) and config.use_pgp
+    # The baseline needs its own unwrapped backbone (wrapping installs hooks on this one).
+    baseline_backbone = copy.deepcopy(backbone) if (compare and backbone is not None) else None
     if backbone is None:
         backbone = build_backbone_model(recipe["model"])
     model_kwargs = {"tokenizer": tokenizer} if (config.method == "clip" and tokenizer is not None) else {}
@@ -460,7 +478,67 @@ def run_recipe(
             _push(
                 model, recipe, trainer, result, f"pgp_peft: {recipe['name']} after {splits.num_tasks} tasks"
             )
+    if compare:
+        run_baseline_comparison(
+            recipe,
+            output_dir,
+            trainer,
+            result,
+            resume=resume,
+            backbone=baseline_backbone,
+            tokenizer=tokenizer,
+        )
     return model, result
+
+
+BASELINE_DIR = "baseline"
+
+HOW_TO_READ_COMPARISON = """\
+How to read it: both runs saw the same images in the same order, starting from the same prompts, keys
+and head (same seed); the only difference is the gradient projection. Forgetting is how far each
+earlier task's class-IL accuracy fell, by the end, from its best (paper: best before the last task;
+reference code: clipped at 0). PGP works when its forgetting is lower; the price is some plasticity
+(accuracy on a task right after learning it). Absolute class-IL accuracy is low on this tiny backbone
+(its frozen CIFAR-10 features barely tell apart classes of different tasks; task-IL, where the true
+task is given, shows what each task learned): only the comparison means something, and one seed moves
+a few points (benchmarks/README.md has 3 seeds)."""
+
+
+def run_baseline_comparison(recipe, output_dir, trainer, result, *, resume, backbone=None, tokenizer=None):
+    """Run `recipe` without projection into `<output_dir>/baseline` (same seed: same data,
+    initialisation and batch order), print both summaries side by side and record the baseline in
+    `<output_dir>/results.json` under `baseline`."""
+    from .metrics import format_comparison, write_results_json
+
+    baseline = copy.deepcopy(recipe)
+    baseline["adapter"]["use_pgp"] = False
+    baseline["training"]["compare_baseline"] = False
+    baseline["hub"]["push_to_hub"] = False
+    baseline["name"] = f"{recipe['name']} without projection (baseline)"
+    _, baseline_result = run_recipe(
+        baseline,
+        os.path.join(output_dir, BASELINE_DIR),
+        resume=resume,
+        backbone=backbone,
+        tokenizer=tokenizer,
+    )
+    if not trainer.is_world_process_zero():
+        return
+    payload = trainer.results_payload(result)
+    payload["baseline"] = {
+        "output_dir": BASELINE_DIR,
+        "summary": baseline_result.summary,
+        "accuracy_matrix": baseline_result.accuracy.to_dict(),
+        "task_il_accuracy_matrix": baseline_result.task_il_accuracy.to_dict(),
+    }
+    write_results_json(os.path.join(output_dir, "results.json"), payload)
+    method = {"l2p": "L2P", "dualprompt": "DualPrompt", "clip": "CLIP"}[trainer.model.config.method]
+    print(
+        f"\n== What PGP bought in this run ({recipe['name']}, after {result.accuracy.values.shape[0]} tasks)"
+    )
+    print(format_comparison({f"{method}-PGP": result.summary, f"{method} (no PGP)": baseline_result.summary}))
+    print(HOW_TO_READ_COMPARISON)
+    print(f"baseline adapter and results: {os.path.join(output_dir, BASELINE_DIR)}")
 
 
 def _check_hub(hub: dict[str, Any]) -> None:
