@@ -335,8 +335,16 @@ def test_demo_recipe_runs_through_the_cli(tmp_path, capsys, restore_logging):
     assert "after 0  after 1  after 2  after 3  after 4" in printed
     assert "average accuracy" in printed and "forgetting (paper)" in printed
     assert f"saved adapter, results.json and plots to {out}" in printed
+    # The same run without projection, side by side, with how to read it.
+    assert "== demo without projection (baseline): class-incremental accuracy matrix" in printed
+    assert "== What PGP bought in this run" in printed and "How to read it" in printed
+    table = printed.split("== What PGP bought in this run")[1]
+    assert "L2P-PGP" in table and "L2P (no PGP)" in table and "forgetting, paper definition" in table
 
     results = json.loads((out / "results.json").read_text())
+    baseline = json.loads((out / "baseline" / "results.json").read_text())
+    assert results["baseline"]["accuracy_matrix"] == baseline["accuracy_matrix"]
+    assert results["baseline"]["summary"]["forgetting_paper"] == baseline["summary"]["forgetting_paper"]
     assert results["manifest"]["dataset"] == "pgp_peft:fashion_mnist_demo"
     assert results["manifest"]["train_sizes"] == [40] * 5 and results["manifest"]["test_sizes"] == [20] * 5
     for plot in ("accuracy_matrix.png", "accuracy_curves.png"):  # the real matplotlib plots
