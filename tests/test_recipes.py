@@ -562,6 +562,7 @@ def test_same_seed_gives_identical_results_twice_and_across_kill_and_resume(tmp_
     log = lambda out: (tmp_path / f"{out.name}.log").read_text()[-3000:]  # noqa: E731
     assert codes[:2] == [0, 0], log(first) + log(second)
     assert codes[2] == -signal.SIGKILL, log(killed)
+    assert (killed / "baseline" / "checkpoint-task-1").is_dir()  # the baseline runs first, to the end
     assert (killed / "checkpoint-task-0").is_dir() and not (killed / "checkpoint-task-1").exists()
     assert _finish(_cli(killed, "--resume")) == 0, log(killed)
 

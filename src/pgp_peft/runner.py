@@ -6,7 +6,8 @@
     adapter:  PromptGradientProjectionConfig fields (`method` picks the preset)
     data:     dataset (Hub id, local directory or `pgp_peft:fashion_mnist_demo`), columns, splits,
               num_tasks, image_size, preprocessing (`reference` | `processor`), size limits
-    training: epochs, batch_size, base_lr (lr = base_lr * batch_size / 256), optimizer, schedule, ...
+    training: epochs, batch_size, base_lr (lr = base_lr * batch_size / 256), optimizer, schedule,
+              seed, compare_baseline (also run without projection and compare), ...
     hub:      push_to_hub, hub_model_id, private, strategy (`end` | `every_task`)
 
 Any value can be overridden on the command line with `section.key=value` (or a bare `key=value`
@@ -421,8 +422,9 @@ def run_recipe(
     """Run a recipe end to end; returns (model, result). Saves the adapter, results.json and plots.
 
     Seeds `training.seed` first, so the initialisation is reproducible. With
-    `training.compare_baseline` (and PGP on), the same recipe then runs without projection into
-    `<output_dir>/baseline` and both summaries are printed side by side."""
+    `training.compare_baseline` (and PGP on), the same recipe first runs without projection into
+    `<output_dir>/baseline`; results.json records it under `baseline` and both summaries are printed
+    side by side."""
     from transformers import set_seed
 
     from .metrics import format_matrix
@@ -430,6 +432,17 @@ def run_recipe(
     from .trainer import ContinualTrainer
 
     _check_hub(recipe["hub"])  # before any training: a bad hub setting must not cost a run
+    baseline = None
+    if recipe["training"]["compare_baseline"] and recipe["adapter"].get("use_pgp", True):
+        # First, so the PGP run's results.json (and every Hub push of it) already carries it. The
+        # baseline wraps a copy of the given backbone (wrapping installs hooks on a backbone).
+        baseline = run_baseline(
+            recipe,
+            output_dir,
+            resume=resume,
+            backbone=copy.deepcopy(backbone) if backbone is not None else None,
+            tokenizer=tokenizer,
+        )
     # Seed before anything random is built (prompts, keys, head): the same recipe and seed give the
     # same accuracy matrix, and a resumed run the same as an uninterrupted one.
     set_seed(recipe["training"]["seed"])
@@ -439,9 +452,6 @@ def run_recipe(
         torch.set_num_threads(int(recipe["training"]["torch_threads"]))
     splits, train_transform, eval_transform = build_datasets(recipe["data"], recipe["model"], output_dir)
     config = build_adapter_config(recipe, splits.num_classes, splits.class_names)
-    compare = bool(recipe["training"]["compare_baseline"]) and config.use_pgp
-    # The baseline needs its own unwrapped backbone (wrapping installs hooks on this one).
-    baseline_backbone = copy.deepcopy(backbone) if (compare and backbone is not None) else None
     if backbone is None:
         backbone = build_backbone_model(recipe["model"])
     model_kwargs = {"tokenizer": tokenizer} if (config.method == "clip" and tokenizer is not None) else {}
@@ -460,6 +470,8 @@ def run_recipe(
         task_end_callbacks=_hub_callbacks(recipe),
         recipe=recipe,
     )
+    if baseline is not None:
+        trainer.extra_results["baseline"] = baseline_payload(baseline)
     result = trainer.train_continual(resume_from_checkpoint=resume or None)
     if trainer.is_world_process_zero():
         model.save_pretrained(output_dir, model_card_kwargs=trainer.model_card_kwargs(result))
@@ -478,16 +490,8 @@ def run_recipe(
             _push(
                 model, recipe, trainer, result, f"pgp_peft: {recipe['name']} after {splits.num_tasks} tasks"
             )
-    if compare:
-        run_baseline_comparison(
-            recipe,
-            output_dir,
-            trainer,
-            result,
-            resume=resume,
-            backbone=baseline_backbone,
-            tokenizer=tokenizer,
-        )
+        if baseline is not None:
+            print_comparison(recipe, config.method, result, baseline, output_dir)
     return model, result
 
 
@@ -504,39 +508,41 @@ task is given, shows what each task learned): only the comparison means somethin
 a few points (benchmarks/README.md has 3 seeds)."""
 
 
-def run_baseline_comparison(recipe, output_dir, trainer, result, *, resume, backbone=None, tokenizer=None):
+def run_baseline(recipe, output_dir, *, resume, backbone=None, tokenizer=None):
     """Run `recipe` without projection into `<output_dir>/baseline` (same seed: same data,
-    initialisation and batch order), print both summaries side by side and record the baseline in
-    `<output_dir>/results.json` under `baseline`."""
-    from .metrics import format_comparison, write_results_json
-
+    initialisation and batch order as the PGP run); returns its `ContinualResult`."""
     baseline = copy.deepcopy(recipe)
     baseline["adapter"]["use_pgp"] = False
     baseline["training"]["compare_baseline"] = False
     baseline["hub"]["push_to_hub"] = False
     baseline["name"] = f"{recipe['name']} without projection (baseline)"
-    _, baseline_result = run_recipe(
+    _, result = run_recipe(
         baseline,
         os.path.join(output_dir, BASELINE_DIR),
         resume=resume,
         backbone=backbone,
         tokenizer=tokenizer,
     )
-    if not trainer.is_world_process_zero():
-        return
-    payload = trainer.results_payload(result)
-    payload["baseline"] = {
+    return result
+
+
+def baseline_payload(result) -> dict[str, Any]:
+    """The `baseline` entry of the PGP run's results.json."""
+    return {
         "output_dir": BASELINE_DIR,
-        "summary": baseline_result.summary,
-        "accuracy_matrix": baseline_result.accuracy.to_dict(),
-        "task_il_accuracy_matrix": baseline_result.task_il_accuracy.to_dict(),
+        "summary": result.summary,
+        "accuracy_matrix": result.accuracy.to_dict(),
+        "task_il_accuracy_matrix": result.task_il_accuracy.to_dict(),
     }
-    write_results_json(os.path.join(output_dir, "results.json"), payload)
-    method = {"l2p": "L2P", "dualprompt": "DualPrompt", "clip": "CLIP"}[trainer.model.config.method]
-    print(
-        f"\n== What PGP bought in this run ({recipe['name']}, after {result.accuracy.values.shape[0]} tasks)"
-    )
-    print(format_comparison({f"{method}-PGP": result.summary, f"{method} (no PGP)": baseline_result.summary}))
+
+
+def print_comparison(recipe, method: str, result, baseline, output_dir: str) -> None:
+    """Both runs' summaries side by side, and how to read them."""
+    from .metrics import format_comparison
+
+    name = {"l2p": "L2P", "dualprompt": "DualPrompt", "clip": "CLIP"}[method]
+    print(f"\n== What PGP bought in this run ({recipe['name']}, after {result.accuracy.num_tasks} tasks)")
+    print(format_comparison({f"{name}-PGP": result.summary, f"{name} (no PGP)": baseline.summary}))
     print(HOW_TO_READ_COMPARISON)
     print(f"baseline adapter and results: {os.path.join(output_dir, BASELINE_DIR)}")
 

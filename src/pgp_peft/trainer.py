@@ -154,6 +154,8 @@ class ContinualTrainer(Trainer):
         self.online = online
         self.task_end_callbacks = list(task_end_callbacks or [])
         self.recipe = recipe
+        # Extra top-level entries of results.json (the runner's no-PGP baseline, for instance).
+        self.extra_results: dict[str, Any] = {}
         self.current_task = 0
         self.projection_callback = ProjectionCallback(model)
         self.add_callback(self.projection_callback)
@@ -471,6 +473,7 @@ class ContinualTrainer(Trainer):
             "manifest": self.splits.to_manifest(),
             "config": self.model.config.to_dict(),
             "recipe": self.recipe,
+            **self.extra_results,
         }
 
     def model_card_kwargs(self, result: ContinualResult) -> dict[str, Any]:

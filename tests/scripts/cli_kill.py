@@ -2,8 +2,9 @@
 
     python cli_kill.py TASK:STEP [train_cl.py arguments ...]
 
-The first `ContinualTrainer` the run builds kills its process right after optimizer step STEP (1-based)
-of task TASK: no cleanup, no atexit, as an OOM killer would. Nothing else differs from the CLI (in
+The trainer of the PGP run (with `compare_baseline`, after its baseline has finished) kills its
+process right after optimizer step STEP (1-based) of task TASK: no cleanup, no atexit, as an OOM
+killer would. Nothing else differs from the CLI (in
 particular nobody seeds by hand), so `--resume` afterwards must end where an uninterrupted run ends.
 """
 
@@ -32,12 +33,10 @@ class KillAt(TrainerCallback):
 def main() -> int:
     task, step = (int(value) for value in sys.argv[1].split(":"))
     original_init = ContinualTrainer.__init__
-    armed = [True]
 
     def init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        if armed[0]:  # only the first trainer (with compare_baseline, the PGP run)
-            armed[0] = False
+        if self.model.config.use_pgp:
             self.add_callback(KillAt(self, task, step))
 
     ContinualTrainer.__init__ = init
