@@ -338,6 +338,7 @@ def test_demo_recipe_runs_through_the_cli(tmp_path, capsys, restore_logging):
     # The same run without projection, side by side, with how to read it.
     assert "== demo without projection (baseline): class-incremental accuracy matrix" in printed
     assert "== What PGP bought in this run" in printed and "How to read it" in printed
+    assert "Absolute class-IL accuracy is low on this tiny backbone" in printed  # the shipped backbone
     table = printed.split("== What PGP bought in this run")[1]
     assert "L2P-PGP" in table and "L2P (no PGP)" in table and "forgetting, paper definition" in table
 
