@@ -20,7 +20,7 @@ from .fileio import atomic_write_text
 METHODS = ("l2p", "dualprompt", "clip")
 PROJECTION_SPACES = ("feature", "reference")
 HEAD_TYPES = ("prompt", "token")
-PROMPT_INITS = ("uniform", "zero", "normal")
+PROMPT_INITS = ("uniform", "linear", "zero", "normal")
 QUERY_SOURCES = ("frozen_cls",)
 TUNING_TYPES = ("prompt", "prefix")
 
@@ -68,7 +68,8 @@ class PromptGradientProjectionConfig:
         tuning_type: `"prompt"` (tokens inserted after CLS) or `"prefix"` (key/value prefixes per layer).
         g_prompt_layers / g_prompt_length: DualPrompt's shared G-prompt.
         e_prompt_layers / e_prompt_length: DualPrompt's E-prompt pool (`pool_size` slots).
-        prompt_init, key_init: `"uniform"` (U(-1, 1), as the reference), `"zero"` or `"normal"`.
+        prompt_init, key_init: `"uniform"` (U(-1, 1), the reference L2P / DualPrompt), `"linear"`
+            (U(±1/√D), the reference CLIP image prompt), `"zero"` or `"normal"` (N(0, 0.02²)).
         use_prompt_keys: learn keys and select prompts by key-query cosine similarity.
         batchwise_prompt: the reference's batch-wise majority vote over selected ids. Off by default:
             it assumes a test batch comes from a single task (an evaluation leak).
@@ -202,7 +203,7 @@ class PromptGradientProjectionConfig:
             top_k=1,
             image_prompt_length=10,
             text_context_length=16,
-            prompt_init="normal",
+            prompt_init="linear",  # the reference image prompt is an nn.Linear weight: U(±1/√D)
             head_type="token",
             pull_constraint_coeff=0.0,
             prompt_threshold=0.97,

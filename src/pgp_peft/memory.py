@@ -12,6 +12,10 @@ Which rows protect which space:
                key          <- frozen CLS queries
     DualPrompt prefix_l*_h* <- queries of head h at prefix layer l (prompted pass, the task's slot)
     CLIP       image_prompt <- vision embeddings (CLS + patches with position) + the image prompt
+
+Reference mode reproduces the reference pipeline's inputs too: the memory samples go through the
+training transform (every method: the reference draws them from its training loader), and
+DualPrompt's memory pass picks E-prompts as the reference's does (`_reference_prefix_slots`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from .projection import BasisUpdate, GramAccumulator, balanced_sum, reference_pca
+from .prompts import select_by_key
 
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -64,6 +69,27 @@ def _record_prefix_queries(model, pixel_values: torch.Tensor, task_id: int, reco
     if slots is None:
         model.forward_features(pixel_values, task_id, query_recorder=recorder, use_task_slot=True)
         return
+    prefixes = model.prefix_pool.prefixes(pixel_values.shape[0], slots)
+    model.backbone(pixel_values, prefixes=prefixes, query_recorder=recorder)
+
+
+def _reference_prefix_slots(model, pixel_values: torch.Tensor) -> torch.Tensor | None:
+    """(B, k) E-prompt slots of the reference's DualPrompt memory pass, or None without E-prompts.
+
+    The reference calls `model(input)` in eval mode there, with neither the task id nor the frozen
+    model's CLS features: the prompt mask is off, and each sample (its memory loader has batch size
+    1, so no batch-wise vote) selects its slots by key against the fallback query of its EPrompt,
+    the token-wise max of the embedded input (CLS + patches, with position embeddings).
+    """
+    if model.prefix_pool is None or model.prefix_pool.e_key is None:
+        return None
+    query = model.backbone.embeddings(pixel_values).amax(dim=1)  # (B, N, D) -> (B, D)
+    return select_by_key(query, model.prefix_pool.e_key, model.config.top_k).indices
+
+
+def _record_reference_prefix_queries(model, pixel_values: torch.Tensor, recorder) -> None:
+    """DualPrompt, reference mode: a prompted pass with the slots the reference's memory pass uses."""
+    slots = _reference_prefix_slots(model, pixel_values)
     prefixes = model.prefix_pool.prefixes(pixel_values.shape[0], slots)
     model.backbone(pixel_values, prefixes=prefixes, query_recorder=recorder)
 
@@ -146,7 +172,7 @@ def collect_reference_rows(
             model.backbone(pixel_values, token_recorder=tokens.append)
             add("image_prompt", tokens[0])
         else:
-            _record_prefix_queries(model, pixel_values, task_id, record_queries)
+            _record_reference_prefix_queries(model, pixel_values, record_queries)
     return {name: torch.cat(parts) for name, parts in rows.items()}
 
 

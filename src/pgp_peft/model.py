@@ -119,6 +119,8 @@ class PGPModel(
 
         self.num_classes = config.num_classes or len(config.class_names or [])
         self.head = nn.Linear(hidden, self.num_classes) if config.method != "clip" else None
+        if self.head is not None:
+            init_head_(self.head)
         # class_task[c] = the task that introduced class c (-1: not seen yet). Drives class masks.
         self.register_buffer("class_task", torch.full((self.num_classes,), -1, dtype=torch.long))
         self.memory = NullSpaceMemory(self.protected_spaces())
@@ -399,6 +401,16 @@ class PGPModel(
             )
 
 
+def init_head_(head: nn.Linear) -> nn.Linear:
+    """The classifier head as timm's ViT head, which the reference trains: weight trunc-normal
+    (std 0.02), bias zero. (`nn.Linear`'s default, U(±1/√D) weights and bias, starts the classes off
+    unequal; on the reference side-by-side it cost about 7 class-IL points for L2P-PGP.)"""
+    with torch.no_grad():
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+    return head
+
+
 def get_pgp_model(
     base_model: nn.Module,
     config: PromptGradientProjectionConfig,
@@ -410,6 +422,10 @@ def get_pgp_model(
 
     The base model is frozen and switched to the `pgp_*` attention implementation; nothing else in
     it changes. `num_classes` overrides `config.num_classes`.
+
+    The prompts, keys, head (and CLIP's text contexts) are drawn from torch's global RNG, as every
+    `transformers` / `peft` model is: call `transformers.set_seed(seed)` *before* this function for
+    a reproducible run (`ContinualTrainer` seeds each task itself, but not the initialisation).
     """
     if num_classes is not None:
         config = config.replace(num_classes=num_classes)
