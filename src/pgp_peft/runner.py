@@ -72,12 +72,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_grad_norm": 1.0,
         "seed": 42,
         "online": False,
-        "bf16": False,
+        "bf16": None,  # None: bf16 autocast when a CUDA device with bf16 is used, fp32 otherwise
         "first_task_base_lr": None,
         "first_task_weight_decay": None,
         "logging_steps": 20,
         "dataloader_num_workers": 0,
         "use_cpu": False,
+        # speed options of ContinualTrainer (README "Performance notes")
+        "eval_query_cache": True,
+        "train_query_cache": None,  # None: when the training transform is not augmented
+        "decode_cache": True,
+        "compile_backbone": False,
     },
     "hub": {"push_to_hub": False, "hub_model_id": None, "private": None, "strategy": "end", "token": None},
 }
@@ -186,6 +191,8 @@ _TYPE_EXAMPLES: dict[str, Any] = {
     "data.class_names": [],
     "training.first_task_base_lr": 0.1,
     "training.first_task_weight_decay": 0.1,
+    "training.bf16": False,
+    "training.train_query_cache": False,
     "hub.private": False,
 }
 
@@ -380,7 +387,7 @@ def build_training_arguments(recipe: dict[str, Any], output_dir: str):
         lr_scheduler_type=training["lr_scheduler"],
         max_grad_norm=training["max_grad_norm"],
         seed=training["seed"],
-        bf16=training["bf16"],
+        bf16=use_bf16(training),
         logging_steps=training["logging_steps"],
         save_strategy="no",
         report_to=[],
@@ -390,6 +397,23 @@ def build_training_arguments(recipe: dict[str, Any], output_dir: str):
         use_cpu=training["use_cpu"],
         disable_tqdm=False,
     )
+
+
+def use_bf16(training: dict[str, Any]) -> bool:
+    """`training.bf16`, or when unset (None): bf16 autocast on a CUDA device that supports it. The adapter's
+    parameters, gradients and the projection stay float32 either way."""
+    import torch
+
+    if training["bf16"] is not None:
+        return bool(training["bf16"])
+    return not training["use_cpu"] and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def trainer_speed_options(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The `ContinualTrainer` speed options a recipe sets (query caches, decode cache, compiled backbone)."""
+    training = recipe["training"]
+    keys = ("eval_query_cache", "train_query_cache", "decode_cache", "compile_backbone")
+    return {key: training[key] for key in keys}
 
 
 def first_task_arguments(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -440,6 +464,7 @@ def run_recipe(
         online=recipe["training"]["online"],
         task_end_callbacks=_hub_callbacks(recipe),
         recipe=recipe,
+        **trainer_speed_options(recipe),
     )
     result = trainer.train_continual(resume_from_checkpoint=resume or None)
     if trainer.is_world_process_zero():
