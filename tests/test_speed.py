@@ -202,6 +202,14 @@ def test_augmented_training_is_not_query_cached(tmp_path):
         }
     )
     assert "query" not in inputs and "row_id" not in inputs and inputs["task_id"] == 0
+    with pytest.raises(ValueError, match="train_query_cache=True needs an unaugmented training transform"):
+        ContinualTrainer(
+            model,
+            tiny_cl.training_args(str(tmp_path)),
+            splits=splits,
+            train_transform=build_transform(tiny_cl.IMAGE_SIZE, train=True, augment=True),
+            train_query_cache=True,
+        )
 
 
 def test_bf16_autocast_on_cpu_with_the_caches(tmp_path):

@@ -178,8 +178,14 @@ class ContinualTrainer(Trainer):
         self.add_callback(self.projection_callback)
         self._later_task_args = {key: getattr(args, key) for key in self.first_task_args}
         self.eval_query_cache = eval_query_cache
+        augmented = isinstance(train_transform, BatchTransform) and train_transform.augment
         if train_query_cache is None:
-            train_query_cache = isinstance(train_transform, BatchTransform) and not train_transform.augment
+            train_query_cache = isinstance(train_transform, BatchTransform) and not augmented
+        elif train_query_cache and augmented:
+            raise ValueError(
+                "train_query_cache=True needs an unaugmented training transform: a random crop changes an "
+                "image's query every epoch; leave train_query_cache unset (None) or turn augmentation off"
+            )
         self.train_query_cache = train_query_cache
         self.decode_cache = decode_cache
         if compile_backbone:
