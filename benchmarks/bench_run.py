@@ -6,7 +6,9 @@
    option alone and all of them together vs none ("before"). Configurations alternate in rounds (a
    fresh random order per round, same seed everywhere), and each ratio is the median over rounds of
    the round's config/before ratio: a slow spell from other jobs on the shared cores hits both sides
-   of a round. The accuracy matrices of all configurations are compared for equality.
+   of a round. Wall time and the process's CPU time are both recorded (single-threaded, so CPU time
+   is close to what the run takes on an idle core, and far less disturbed by other jobs). The
+   accuracy matrices of all configurations are compared for equality.
 2. A training step (forward + backward + Adam, batch 32, bases after task 0) with the frozen query
    computed in the step (before) and served by the query cache (after), each vs a frozen
    forward+backward of the plain backbone (the floor a prompt method cannot beat).
@@ -80,14 +82,18 @@ def whole_run(splits, backbone_model, method: str, options: dict[str, Any], seed
             model, args, splits=splits, train_transform=train_tf, eval_transform=eval_tf, **options
         )
         trainer.remove_callback(PrinterCallback)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         result = trainer.train_continual()
-        total = time.perf_counter() - started
+        total, cpu_total = time.perf_counter() - started, time.process_time() - cpu_started
     seconds = {phase: result.seconds.get(phase, 0.0) for phase in ("train", "memory", "evaluation")}
     seconds["other"] = total - sum(seconds.values())  # checkpoints, results.json, plots, bookkeeping
     seconds["total"] = total
+    cpu_seconds = {phase: result.cpu_seconds.get(phase, 0.0) for phase in ("train", "memory", "evaluation")}
+    cpu_seconds["other"] = cpu_total - sum(cpu_seconds.values())
+    cpu_seconds["total"] = cpu_total
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "accuracy_matrix": result.accuracy.values.tolist(),
         "task_il_accuracy_matrix": result.task_il_accuracy.values.tolist(),
         "query_cache_bytes": trainer.query_cache.nbytes,
@@ -115,28 +121,26 @@ def whole_runs(splits, backbone_model, rounds: int) -> dict[str, Any]:
         before = runs[method]["before"]
         entry: dict[str, Any] = {"configs": {}}
         for config, config_runs in runs[method].items():
-            ratios = {
-                phase: [
-                    run["seconds"][phase] / base["seconds"][phase]
-                    for run, base in zip(config_runs, before)
-                    if base["seconds"][phase] > 0
-                ]
-                for phase in PHASES
-            }
-            entry["configs"][config] = {
-                "options": CONFIGS[config],
-                "median_seconds": {
-                    p: float(np.median([r["seconds"][p] for r in config_runs])) for p in PHASES
-                },
-                "ratio_vs_before": {
-                    p: {
-                        "median": float(np.median(v)),
-                        "min": float(np.min(v)),
-                        "max": float(np.max(v)),
-                    }
+            values: dict[str, Any] = {"options": CONFIGS[config]}
+            for clock, key in (("seconds", "ratio_vs_before"), ("cpu_seconds", "cpu_ratio_vs_before")):
+                ratios = {
+                    phase: [
+                        run[clock][phase] / base[clock][phase]
+                        for run, base in zip(config_runs, before)
+                        if base[clock][phase] > 0
+                    ]
+                    for phase in PHASES
+                }
+                values[f"median_{clock}"] = {
+                    p: float(np.median([r[clock][p] for r in config_runs])) for p in PHASES
+                }
+                values[key] = {
+                    p: {"median": float(np.median(v)), "min": float(np.min(v)), "max": float(np.max(v))}
                     for p, v in ratios.items()
                     if v
-                },
+                }
+            entry["configs"][config] = {
+                **values,
                 "accuracy_matrix_equal_to_before": all(
                     same_matrix(run["accuracy_matrix"], base["accuracy_matrix"])
                     and same_matrix(run["task_il_accuracy_matrix"], base["task_il_accuracy_matrix"])

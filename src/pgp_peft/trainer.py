@@ -99,6 +99,7 @@ class ContinualResult:
     summary: dict[str, Any] = field(default_factory=dict)
     memory_ranks: list[dict[str, int]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase: train, memory, evaluation
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # this process's CPU time per phase
 
 
 class ContinualTrainer(Trainer):
@@ -564,12 +565,14 @@ class ContinualTrainer(Trainer):
     @staticmethod
     @contextlib.contextmanager
     def _phase(result: ContinualResult, name: str):
-        """Add the wall time of the block to `result.seconds[name]`."""
-        started = time.perf_counter()
+        """Add the wall time of the block to `result.seconds[name]`, this process's CPU time (all its
+        threads; not DataLoader worker processes) to `result.cpu_seconds[name]`."""
+        started, cpu_started = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             result.seconds[name] = result.seconds.get(name, 0.0) + time.perf_counter() - started
+            result.cpu_seconds[name] = result.cpu_seconds.get(name, 0.0) + time.process_time() - cpu_started
 
     def results_payload(self, result: ContinualResult) -> dict[str, Any]:
         """Everything results.json records about the run."""
