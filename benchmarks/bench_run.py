@@ -304,6 +304,36 @@ def compiled_step(splits, backbone_model, rounds: int) -> dict[str, Any]:
     }
 
 
+def compiled_whole_runs(splits, backbone_model) -> dict[str, Any]:
+    """Whole L2P runs (all caches on) eager vs `compile_backbone=True`, alternating, CPU seconds; the first
+    compiled run starts from an empty inductor cache (a fresh TORCHINDUCTOR_CACHE_DIR), the second reuses it."""
+    import os
+
+    runs: dict[str, list[dict[str, float]]] = {"eager": [], "compiled": []}
+    matrices_equal = True
+    with tempfile.TemporaryDirectory(prefix="pgp_inductor_") as cache_dir:
+        previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+        try:
+            for _ in range(2):
+                eager = whole_run(splits, backbone_model, "l2p", {})
+                compiled = whole_run(splits, backbone_model, "l2p", {"compile_backbone": True})
+                runs["eager"].append(eager["cpu_seconds"])
+                runs["compiled"].append(compiled["cpu_seconds"])
+                matrices_equal &= same_matrix(eager["accuracy_matrix"], compiled["accuracy_matrix"])
+        finally:
+            if previous is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+    return {
+        "method": "l2p",
+        "cpu_seconds": runs,
+        "accuracy_matrix_equal": matrices_equal,
+        "note": "run 1: cold inductor cache, run 2: warm",
+    }
+
+
 def main() -> None:
     threads = common.set_threads()
     started = time.perf_counter()
@@ -331,6 +361,7 @@ def main() -> None:
     if not common.QUICK:  # compiling takes minutes on these cores
         common.log("run: torch.compile")
         result["compile"] = compiled_step(cost_splits, backbone_model, 10)
+        result["compile_whole_runs"] = compiled_whole_runs(splits, backbone_model)
     result["whole_runs"] = whole_runs(splits, backbone_model, rounds)
     result["environment"] = common.environment()
     result["seconds"] = time.perf_counter() - started

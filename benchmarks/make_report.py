@@ -712,11 +712,21 @@ def section_run() -> str:
         out += [
             "",
             f"**torch.compile** (L2P step with cached query, batch {compiled['batch_size']}): first compiled step "
+            "(inductor cache as left by earlier runs) "
             f"{compiled['first_compiled_step_seconds']:.0f} s; steady state compiled / eager "
             f"{compiled['compiled_vs_eager']['median']:.2f} "
             f"({compiled['compiled_vs_eager']['p25']:.2f}–{compiled['compiled_vs_eager']['p75']:.2f}); "
             f"max |logit difference| {compiled['max_abs_logit_difference']:.1e}.",
         ]
+    whole = data.get("compile_whole_runs")
+    if whole:
+        eager, compiled_runs = whole["cpu_seconds"]["eager"], whole["cpu_seconds"]["compiled"]
+        out[-1] += (
+            " Whole L2P runs (all caches on), CPU seconds eager vs compiled: "
+            f"{eager[0]['total']:.1f} vs {compiled_runs[0]['total']:.1f} with a cold inductor cache, "
+            f"{eager[1]['total']:.1f} vs {compiled_runs[1]['total']:.1f} with a warm one; accuracy matrices "
+            + ("equal." if whole["accuracy_matrix_equal"] else "different.")
+        )
     return "\n".join(out)
 
 

@@ -125,7 +125,8 @@ class ContinualTrainer(Trainer):
         decode_cache: decode each image once per run and keep the uint8 pixels (`DecodedImageCache`,
             up to 1 GiB per split; only with `BatchTransform`s); the transform still runs every time.
         compile_backbone: `torch.compile` the frozen transformer (`PGPModel.compile_backbone`); off by
-            default: on the CPU it was slower (benchmarks/README.md §5).
+            default: every new batch shape compiles first, which a short run does not win back
+            (benchmarks/README.md §5).
     """
 
     def __init__(
