@@ -20,7 +20,7 @@ DualPrompt's memory pass picks E-prompts as the reference's does (`_reference_pr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -28,6 +28,8 @@ from .projection import BasisUpdate, GramAccumulator, balanced_sum, reference_pc
 from .prompts import select_by_key
 
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
+# row ids of a batch -> their stored frozen queries (B, D), or None (see `query_cache.QueryCache.lookup`)
+QueryLookup = Callable[[Sequence[int]], "torch.Tensor | None"]
 
 
 class NonFiniteMemoryError(FloatingPointError):
@@ -47,16 +49,26 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
 
 def _batches(batches: Iterable, memory_samples: int | None) -> Iterable[torch.Tensor]:
     """Yield pixel_values tensors until `memory_samples` samples were produced (None = all)."""
+    for pixel_values, _ in _batches_with_rows(batches, memory_samples):
+        yield pixel_values
+
+
+def _batches_with_rows(
+    batches: Iterable, memory_samples: int | None
+) -> Iterable[tuple[torch.Tensor, list[int] | None]]:
+    """(pixel_values, row ids or None) until `memory_samples` samples were produced (None = all)."""
     produced = 0
     for batch in batches:
         pixel_values = batch["pixel_values"] if isinstance(batch, dict) else batch
+        rows = batch.get("row_id") if isinstance(batch, dict) else None
         if memory_samples is not None:
             remaining = memory_samples - produced
             if remaining <= 0:
                 break
             pixel_values = pixel_values[:remaining]
+            rows = None if rows is None else list(rows)[:remaining]
         produced += pixel_values.shape[0]
-        yield pixel_values
+        yield pixel_values, rows
 
 
 def _record_prefix_queries(model, pixel_values: torch.Tensor, task_id: int, recorder) -> None:
@@ -105,9 +117,17 @@ def _prompt_rows(model) -> torch.Tensor | None:
 
 @torch.no_grad()
 def collect_feature_grams(
-    model, batches: Iterable, task_id: int, memory_samples: int | None
+    model,
+    batches: Iterable,
+    task_id: int,
+    memory_samples: int | None,
+    query_lookup: QueryLookup | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Stream memory samples and return {space: D x D Gram matrix (float64)} of what each space sees."""
+    """Stream memory samples and return {space: D x D Gram matrix (float64)} of what each space sees.
+
+    `query_lookup` (L2P): stored frozen queries of a batch's rows (the training query cache): the key
+    space's rows then come from it and the prompt space's from the embeddings alone, instead of a
+    whole backbone pass."""
     spaces = model.protected_spaces()
     device = next(model.parameters()).device
     grams = {name: GramAccumulator(dim, device=device) for name, dim in spaces.items()}
@@ -122,9 +142,14 @@ def collect_feature_grams(
         for head, name in enumerate(names):
             grams[name].add(query[:, head] if len(names) == heads else query.transpose(1, 2).flatten(2))
 
-    for pixel_values in _batches(batches, memory_samples):
+    for pixel_values, rows in _batches_with_rows(batches, memory_samples):
         pixel_values = pixel_values.to(device)
         if method == "l2p":
+            queries = query_lookup(rows) if (query_lookup is not None and rows) else None
+            if queries is not None:
+                grams["prompt"].add(model.backbone.embeddings(pixel_values))
+                grams["key"].add(queries)
+                continue
             tokens: list[torch.Tensor] = []
             hidden = model.backbone(pixel_values, token_recorder=tokens.append)
             grams["prompt"].add(tokens[0])
@@ -211,11 +236,13 @@ def update_memory(
     *,
     reduce_fn: ReduceFn | None = None,
     gather_fn: ReduceFn | None = None,
+    query_lookup: QueryLookup | None = None,
 ) -> dict[str, BasisUpdate]:
     """Grow every protected space's basis from a task's memory samples.
 
     `reduce_fn` sums a tensor over processes (feature mode) and `gather_fn` concatenates rows over
     processes (reference mode), so every rank builds bit-identical bases from identical inputs.
+    `query_lookup`: stored frozen queries by row id (feature mode, L2P; see `collect_feature_grams`).
     Returns {space: BasisUpdate}.
     """
     was_training = model.training
@@ -223,7 +250,9 @@ def update_memory(
     try:
         if model.config.projection_space == "feature":
             reduce_fn = reduce_fn or _identity
-            grams = collect_feature_grams(model, batches, task_id, model.config.memory_samples)
+            grams = collect_feature_grams(
+                model, batches, task_id, model.config.memory_samples, query_lookup=query_lookup
+            )
             updates = {}
             for name in model.protected_spaces():
                 gram = reduce_fn(grams[name])

@@ -230,9 +230,15 @@ class PGPModel(
         if task_id is None or not (use_task_slot and self.config.prompt_mask):
             return None
         top_k = self.config.top_k
-        task = task_id if isinstance(task_id, torch.Tensor) else torch.tensor(task_id)
-        task = task.to(device).reshape(-1).expand(batch)
-        if bool(((task + 1) * top_k > self.config.pool_size).any()):
+        if isinstance(task_id, torch.Tensor):
+            task = task_id.to(device).reshape(-1).expand(batch)
+            # Checked on the host: reading back a device tensor would stall the device every step
+            # (the ContinualTrainer passes the task as an int; a CPU tensor costs nothing either).
+            last = int((task_id if task_id.device.type == "cpu" else task).max())
+        else:
+            last = int(task_id)
+            task = torch.full((batch,), last, dtype=torch.long, device=device)
+        if (last + 1) * top_k > self.config.pool_size:
             return None  # docs/RECIPES.md: with 20 tasks and a pool of 10, later tasks select by key
         return task.unsqueeze(1) * top_k + torch.arange(top_k, device=device)
 
@@ -244,13 +250,20 @@ class PGPModel(
         query_recorder=None,
         token_recorder=None,
         use_task_slot: bool | None = None,
+        query: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, PromptSelection | None]:
         """Prompted pass. pixel_values (B, C, H, W) -> (features (B, D), selection or None).
 
-        `use_task_slot` forces (True) or forbids (False) the prompt mask; default: in training only."""
+        `use_task_slot` forces (True) or forbids (False) the prompt mask; default: in training only.
+        `query` (B, D): the frozen query `self.backbone.query(pixel_values)` computed earlier (e.g. by
+        the ContinualTrainer's query cache); it is the same for an image as long as the backbone is
+        frozen and the image is not re-augmented, so passing it skips the frozen query pass. None:
+        computed here. CLIP has no query pass and refuses one."""
         batch = pixel_values.shape[0]
         selection = None
         if self.config.method == "clip":
+            if query is not None:
+                raise ValueError("method='clip' selects no prompts by key: it takes no query")
             hidden = self.backbone(
                 pixel_values,
                 prompt_tokens=self.image_prompt.tokens(batch),
@@ -258,7 +271,13 @@ class PGPModel(
                 token_recorder=token_recorder,
             )
             return hidden[:, 0], None
-        query = self.backbone.query(pixel_values)
+        if query is None:
+            query = self.backbone.query(pixel_values)
+        elif query.shape != (batch, self.backbone.hidden_size):
+            raise ValueError(
+                f"query must be (batch, hidden_size) = {(batch, self.backbone.hidden_size)}, "
+                f"got {tuple(query.shape)}"
+            )
         forced = self._task_slot(task_id, batch, pixel_values.device, use_task_slot)
         if self.prompt_pool is not None:
             selection = self.prompt_pool.select(query, forced)
@@ -281,6 +300,12 @@ class PGPModel(
         )
         return hidden[:, 0], selection
 
+    def compile_backbone(self, **compile_kwargs: Any) -> None:
+        """`torch.compile` the frozen transformer in place (`nn.Module.compile`); prompts, prefixes and
+        the head stay eager. The first passes of every new input shape compile (tens of seconds on a
+        CPU); see benchmarks/README.md §5 for when it pays off."""
+        self.backbone.vision.compile(**compile_kwargs)
+
     def compute_logits(self, features: torch.Tensor, task_id=None) -> torch.Tensor:
         """features (B, D) -> logits (B, C). CLIP's subclass logic lives in `clip.py`."""
         return self.head(features.to(self.head.weight.dtype))
@@ -291,15 +316,17 @@ class PGPModel(
         labels: torch.Tensor | None = None,
         task_id: int | torch.Tensor | None = None,
         class_mask: str | None = None,
+        query: torch.Tensor | None = None,
     ) -> PGPOutput:
-        """pixel_values (B, C, H, W), labels (B,) class-order ids, task_id (int or (B,)).
+        """pixel_values (B, C, H, W), labels (B,) class-order ids, task_id (int or (B,)), query (B, D)
+        an optional precomputed frozen query (see `forward_features`).
 
         class_mask: `task` (default while training with a task id: logits outside the task's
         classes are -inf, the paper's class mask), `seen` (default otherwise: class-IL over all
         classes seen so far), or `all`. Task-IL evaluation = `task_id=true task, class_mask="task"`.
         Loss = CE - pull_constraint_coeff · pull term.
         """
-        features, selection = self.forward_features(pixel_values, task_id)
+        features, selection = self.forward_features(pixel_values, task_id, query=query)
         logits = self.compute_logits(features, task_id)
         if class_mask is None:
             class_mask = "task" if (self.training and task_id is not None) else "seen"
