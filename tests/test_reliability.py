@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -267,19 +268,34 @@ def test_output_folder_holding_another_run_is_refused_or_replaced(tmp_path, capl
 def test_staging_left_by_a_kill_is_cleaned_on_the_next_start(tmp_path, caplog):
     out = tmp_path / "run"
     leftovers = [
-        out / ".checkpoint-task-1.ab12cd34",
-        out / ".checkpoint-task-0.old",
-        tmp_path / ".run.zz9_yy8x",  # save_pretrained(out) stages beside the folder
+        out / ".pgp-staging.checkpoint-task-1.ab12cd34",
+        out / ".pgp-staging.checkpoint-task-0.old",
+        out / ".pgp-staging.baseline.x1y2z3w4",  # the baseline run's save_pretrained stages in out/
+        out / "baseline" / ".pgp-staging.checkpoint-task-2.ab12cd34",
+        tmp_path / ".pgp-staging.run.zz9_yy8x",  # save_pretrained(out) stages beside the folder
     ]
     for path in leftovers:
         (path / "sub").mkdir(parents=True)
-    (out / ".results.json.q1w2e3r4.tmp").write_text("{")
+    (out / ".pgp-staging.results.json.q1w2e3r4.tmp").write_text("{")
     (out / ".git").mkdir()  # not ours: kept
+    (tmp_path / ".run.snapshot").mkdir()  # the user's, beside the folder: kept
     with caplog.at_level(logging.WARNING, logger="pgp_peft.run_folder"):
         prepare_output_dir(out).release()
-    assert not any(path.exists() for path in leftovers) and not (out / ".results.json.q1w2e3r4.tmp").exists()
-    assert (out / ".git").is_dir()
-    assert "removed 4 staging item(s)" in caplog.text
+    assert not any(path.exists() for path in leftovers)
+    assert not (out / ".pgp-staging.results.json.q1w2e3r4.tmp").exists()
+    assert (out / ".git").is_dir() and (tmp_path / ".run.snapshot").is_dir()
+    assert "removed 6 staging item(s)" in caplog.text
+
+
+def test_a_baseline_left_alone_is_a_run(tmp_path):
+    """A run killed during its `compare_baseline` run leaves only baseline/: still another run's folder."""
+    out = tmp_path / "run"
+    (out / "baseline" / "checkpoint-task-0").mkdir(parents=True)
+    (out / "baseline" / "checkpoint-task-0" / "continual_state.json").write_text("{}")
+    with pytest.raises(RunFolderError, match="holds another run"):
+        prepare_output_dir(out)
+    prepare_output_dir(out, overwrite=True).release()
+    assert not (out / "baseline").exists()
 
 
 def test_fingerprint_names_the_differing_settings():
@@ -334,6 +350,7 @@ def test_flags_and_overrides_in_any_order(monkeypatch, tmp_path, restore_logging
         ["training.epochs=1", "--no-pgp", "data.num_tasks=2"],
         ["training.epochs=1", "--recipe", "demo", "data.num_tasks=2", "--no-pgp"],
         ["--training.epochs=1", "--no-pgp", "data.num_tasks=2", "--output_dir", "x"],
+        ["training.epochs=1", "--training.seed=3", "data.num_tasks=2", "--no-pgp"],  # bare after --k=v
         ["data.num_tasks=2", "--resume", "training.epochs=1", "--no-pgp"],
     ]
     for argv in orders:
@@ -360,6 +377,9 @@ def test_flags_and_overrides_in_any_order(monkeypatch, tmp_path, restore_logging
         ("adapter.top_k=20", "adapter.top_k: top_k=20 exceeds pool_size=10"),
         ("data.num_tasks=3", "data.num_tasks=3 does not divide the 10 classes"),
         ("data.classes_per_task=4", "needs 20 classes, but pgp_peft:fashion_mnist_demo has 10"),
+        ("training.report_to=tensorbord", "training.report_to: unknown tracker(s) ['tensorbord']"),
+        ("training.torch_threads=0", "training.torch_threads: must be a positive integer"),
+        ("training.train_query_cache=true data.augment=true", "needs data.augment=false"),
     ],
 )
 def test_bad_recipe_values_fail_before_any_work(
@@ -372,9 +392,9 @@ def test_bad_recipe_values_fail_before_any_work(
 
     monkeypatch.setattr(runner, "build_datasets", no_work)
     monkeypatch.setattr(runner, "prepare_output_dir", no_work)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        validate_recipe(apply_overrides(load_recipe("demo"), [override]))
-    assert main(["--recipe", "demo", "--output_dir", str(tmp_path / "o"), override]) == 2
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate_recipe(apply_overrides(load_recipe("demo"), override.split()))
+    assert main(["--recipe", "demo", "--output_dir", str(tmp_path / "o"), *override.split()]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
 

@@ -66,6 +66,10 @@ def test_query_cache_respects_its_byte_cap():
     cache.store("test", [10], torch.ones(1, 4))  # would need 20 rows: not stored
     assert cache.lookup("test", [9]) is not None and cache.lookup("test", [10]) is None
     assert cache.nbytes <= cache.max_bytes
+    near_cap = QueryCache(hidden_size=4, max_bytes=12 * 4 * 4)
+    for row in (3, 7, 11):  # capacities 4, 8, then 12 (doubling to 16 would pass the cap)
+        near_cap.store("test", [row], torch.ones(1, 4))
+    assert near_cap.lookup("test", [3, 7, 11]) is not None and near_cap.nbytes == near_cap.max_bytes
 
 
 # ---------------------------------------------------------------------------------- model hook
@@ -214,8 +218,8 @@ def test_augmented_training_is_not_query_cached(tmp_path):
 
 def test_bf16_autocast_on_cpu_with_the_caches(tmp_path):
     """The CUDA default path (bf16 autocast) exercised on the CPU: caches on vs off give the same
-    matrices, the cached queries were computed under autocast like the uncached ones, the adapter
-    stays float32."""
+    matrices, every cached query was computed in the precision of the uncached pass it replaces, the
+    adapter stays float32."""
     splits = tiny_cl.make_splits(num_tasks=2)
     results = []
     for options in (OFF, {}):
@@ -231,11 +235,16 @@ def test_bf16_autocast_on_cpu_with_the_caches(tmp_path):
         results.append(trainer.train_continual())
         assert trainer.accelerator.mixed_precision == "bf16"
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    pixels = tiny_cl.eval_pixels(splits.test[0])
+    # Training queries are cached as the autocast-wrapped training forward computes them; evaluation
+    # runs without autocast, and so do its cached queries.
+    train_pixels = tiny_cl.eval_pixels(splits.train[1])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        under_autocast = model.backbone.query(pixels)
+        under_autocast = model.backbone.query(train_pixels)
+    cached = trainer.query_cache.lookup("train", splits.train[1]["row_id"])
+    assert torch.equal(cached, under_autocast) and not torch.equal(cached, model.backbone.query(train_pixels))
+    test_pixels = tiny_cl.eval_pixels(splits.test[0])
     cached = trainer.query_cache.lookup("test", splits.test[0]["row_id"])
-    assert torch.equal(cached, under_autocast) and not torch.equal(cached, model.backbone.query(pixels))
+    assert torch.equal(cached, model.backbone.query(test_pixels))
     np.testing.assert_array_equal(results[0].accuracy.values, results[1].accuracy.values)
 
 

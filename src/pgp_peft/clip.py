@@ -77,7 +77,7 @@ def load_clip_tokenizer(name_or_path: str | None, revision: str | None = None):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=False)
     except Exception as error:  # OSError (missing files / offline), ValueError (no backend), ...
         raise OSError(f"{_tokenizer_help(name_or_path)}\nUnderlying error: {error}") from error
 

@@ -24,11 +24,16 @@ def _default_permissions(path: Path, *, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+# Every temporary name of an atomic write starts with this, so what a kill leaves behind can be found (and
+# removed) without touching anything else of the user's.
+STAGING_PREFIX = ".pgp-staging."
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)` on a temporary sibling of `path`, then `os.replace` it into place."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -57,7 +62,7 @@ def staging_dir(target: str | os.PathLike) -> Path:
     """A fresh hidden folder beside `target`, to fill and then move into place with `os.replace`."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}.", dir=target.parent))
     _default_permissions(staging, directory=True)
     return staging
 
@@ -72,8 +77,8 @@ def publish_files(staging: Path, target: Path, last: str | None = None) -> None:
 
 def replace_dir(staging: Path, target: Path) -> None:
     """Swap folder `target` for `staging` by renames, so a complete `target` exists at every moment
-    but the instant between the two renames (the old one then waits under `.<name>.old`)."""
-    retired = target.with_name(f".{target.name}.old")
+    but the instant between the two renames (the old one then waits under `.pgp-staging.<name>.old`)."""
+    retired = target.with_name(f"{STAGING_PREFIX}{target.name}.old")
     shutil.rmtree(retired, ignore_errors=True)
     if target.exists():
         os.replace(target, retired)

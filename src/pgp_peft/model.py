@@ -391,7 +391,9 @@ class PGPModel(
                 from .hub import resolve_builtin
 
                 kwargs["image_processor"] = AutoImageProcessor.from_pretrained(
-                    resolve_builtin(self.config.base_model_name_or_path), revision=self.config.revision
+                    resolve_builtin(self.config.base_model_name_or_path),
+                    revision=self.config.revision,
+                    trust_remote_code=False,  # the name comes from a downloaded config.json
                 )
             transform = build_transform(self.backbone.image_size, image_column="image", **kwargs)
         return transform({"image": list(images)})["pixel_values"]

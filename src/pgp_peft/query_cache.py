@@ -69,10 +69,12 @@ class QueryCache:
         needed = max(row_ids) + 1
         values = self._values.get(namespace)
         if values is None or values.shape[0] < needed:
-            capacity = max(needed, 2 * (0 if values is None else values.shape[0]))
             old_bytes = 0 if values is None else values.numel() * values.element_size()
-            new_bytes = capacity * self.hidden_size * queries.element_size()
-            if self.nbytes - old_bytes + new_bytes > self.max_bytes:
+            row_bytes = self.hidden_size * queries.element_size()
+            affordable = (self.max_bytes - (self.nbytes - old_bytes)) // row_bytes
+            # Doubling amortises the copies; near the cap, grow only as far as the cap allows.
+            capacity = min(max(needed, 2 * (0 if values is None else values.shape[0])), affordable)
+            if capacity < needed:
                 return
             grown = torch.zeros(capacity, self.hidden_size, dtype=queries.dtype, device=self.device)
             filled = np.zeros(capacity, dtype=bool)

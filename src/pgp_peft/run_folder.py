@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .fileio import STAGING_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ FINGERPRINT_IGNORED = ("name", "description", "paper", "hub", "training.logging_
 FINGERPRINT_IGNORED += ("training.dataloader_num_workers", "training.use_cpu", "training.report_to")
 # The caches give the same numbers bit for bit (tested), so a resume may switch them.
 FINGERPRINT_IGNORED += ("training.eval_query_cache", "training.train_query_cache", "training.decode_cache")
+# The baseline of `training.compare_baseline` is a run of its own (its checkpoints carry its own fingerprint).
+FINGERPRINT_IGNORED += ("training.compare_baseline",)
 # `tempfile.mkdtemp` / `mkstemp` names: prefix + 8 characters of this alphabet.
-_RANDOM = r"[a-z0-9_]{8}"
 
 
 _HELD: set[Path] = set()  # lock files this process holds
@@ -161,21 +163,16 @@ class OutputFolderLock:
 
 # ----------------------------------------------------------------------------- folder contents
 def leftover_staging(output_dir: str | os.PathLike) -> list[Path]:
-    """Hidden staging folders / temporary files of atomic writes into `output_dir` that a kill left behind."""
+    """Staging folders / temporary files of atomic writes (`fileio.STAGING_PREFIX`) that a kill left in
+    `output_dir`, in its `baseline/` run, or beside the folder (where `save_pretrained(output_dir)` stages)."""
     root = Path(output_dir)
     found: list[Path] = []
-    if root.is_dir():
-        for path in root.iterdir():
-            if re.fullmatch(rf"\.checkpoint-task-\d+\.({_RANDOM}|old)", path.name) and path.is_dir():
-                found.append(path)
-            elif re.fullmatch(rf"\..+\.{_RANDOM}\.tmp", path.name) and path.is_file():
-                found.append(path)
-    # save_pretrained(output_dir) stages in a sibling of the folder itself.
-    name = re.escape(root.name)
+    for folder in (root, root / BASELINE_DIR):
+        if folder.is_dir():
+            found += [path for path in folder.iterdir() if path.name.startswith(STAGING_PREFIX)]
     if root.parent.is_dir():
-        for path in root.parent.iterdir():
-            if re.fullmatch(rf"\.{name}\.({_RANDOM}|old)", path.name) and path.is_dir():
-                found.append(path)
+        mine = f"{STAGING_PREFIX}{root.name}."
+        found += [path for path in root.parent.iterdir() if path.name.startswith(mine)]
     return sorted(found)
 
 
@@ -194,10 +191,12 @@ def run_files(output_dir: str | os.PathLike) -> list[Path]:
 
 def _holds_run(files: list[Path]) -> bool:
     names = {path.name for path in files}
-    # A README.md or a config.json alone may be the user's; results, weights or checkpoints are a run's.
-    return bool(names & {"results.json", "model.safetensors"}) or any(
-        CHECKPOINT_DIR.fullmatch(n) for n in names
-    )
+    # A README.md or a config.json alone may be the user's; results, weights or checkpoints are a run's,
+    # and so is a `baseline/` run (`training.compare_baseline` writes it before the PGP run starts).
+    if names & {"results.json", "model.safetensors"} or any(CHECKPOINT_DIR.fullmatch(n) for n in names):
+        return True
+    baseline = [path for path in files if path.name == BASELINE_DIR]
+    return bool(baseline) and _holds_run(run_files(baseline[0]))
 
 
 def prepare_output_dir(

@@ -204,6 +204,7 @@ _TYPE_EXAMPLES: dict[str, Any] = {
     "training.first_task_weight_decay": 0.1,
     "training.bf16": False,
     "training.train_query_cache": False,
+    "training.torch_threads": 1,
     "hub.private": False,
 }
 
@@ -330,7 +331,7 @@ def build_datasets(
         name = resolve_builtin((model_section or {}).get("base_model_name_or_path"))
         try:
             processor_kwargs["image_processor"] = AutoImageProcessor.from_pretrained(
-                name, revision=(model_section or {}).get("revision")
+                name, revision=(model_section or {}).get("revision"), trust_remote_code=False
             )
         except OSError as error:
             raise OSError(
@@ -674,9 +675,10 @@ class UsageError(ValueError):
 
 def _recipe_from_args(args: argparse.Namespace, unknown: list[str]) -> dict[str, Any]:
     overrides = list(args.overrides)
-    for item in unknown:  # accept --key=value too
-        if item.startswith("--") and "=" in item:
-            overrides.append(item[2:])
+    # argparse leaves everything after an unknown `--key=value` unparsed: any `key=value` left is an override.
+    for item in unknown:
+        if "=" in item and not (item.startswith("-") and not item.startswith("--")):
+            overrides.append(item.removeprefix("--"))
         else:
             raise UsageError(f"unrecognised argument {item!r} (see --help)")
     recipe = apply_overrides(load_recipe(args.recipe), overrides)
@@ -807,6 +809,13 @@ def validate_recipe(recipe: dict[str, Any]) -> None:
         close = difflib.get_close_matches(str(training["lr_scheduler"]), _SCHEDULERS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of {list(_SCHEDULERS)}"
         raise ValueError(f"training.lr_scheduler: unknown schedule {training['lr_scheduler']!r}{hint}")
+    positive_int(training, "training", "torch_threads", optional=True)
+    _report_to(training["report_to"])
+    if training.get("train_query_cache") and data.get("augment"):
+        raise ValueError(
+            "training.train_query_cache=true needs data.augment=false: a random crop changes an image's "
+            "query every epoch; leave training.train_query_cache unset (null)"
+        )
     positive_number(model, "model", "layer_norm_eps", optional=True)
     positive_int(data, "data", "num_tasks")
     positive_int(data, "data", "classes_per_task", optional=True)

@@ -253,6 +253,9 @@ class ContinualTrainer(Trainer):
         self._later_task_args = {key: getattr(args, key) for key in self.first_task_args}
         # Taken now: the per-task configuration changes these fields while the run goes on.
         self._run_arguments = {key: getattr(args, key, None) for key in FINGERPRINT_ARGUMENTS}
+        # Loaded now (cached per process): `evaluate` writes its modules cache, which must not first fail
+        # after a task of training (e.g. a read-only home).
+        load_continual_learning_metric()
         self.eval_query_cache = eval_query_cache
         augmented = isinstance(train_transform, BatchTransform) and train_transform.augment
         if train_query_cache is None:
@@ -364,8 +367,10 @@ class ContinualTrainer(Trainer):
         return self.model.config.method != "clip"
 
     def _cached_query(self, split: str, row_ids: list[int], pixel_values: torch.Tensor) -> torch.Tensor:
-        # Under mixed precision the uncached query runs inside the autocast-wrapped forward: so does this one.
-        with self.accelerator.autocast():
+        # Compute a query as the uncached path would: in training inside the Trainer's autocast-wrapped
+        # forward, in evaluation (which runs without autocast) in the backbone's own precision.
+        precision = self.accelerator.autocast() if split == "train" else contextlib.nullcontext()
+        with precision:
             return self.query_cache.get_or_compute(split, row_ids, pixel_values, self.model.backbone.query)
 
     # ------------------------------------------------------------------ data helpers
@@ -377,7 +382,12 @@ class ContinualTrainer(Trainer):
             return dataset
         if split is not None and ROW_ID in dataset.column_names:
             decoded = None
-            if self.decode_cache and isinstance(transform, BatchTransform):
+            # DataLoader workers are not persistent here: a cache filled in a worker dies with its epoch.
+            if (
+                self.decode_cache
+                and self.args.dataloader_num_workers == 0
+                and isinstance(transform, BatchTransform)
+            ):
                 decoded = self._decoded[split]
             transform = RowIdTransform(transform, self.splits.image_column, decoded)
         return with_image_transform(dataset, transform, self.splits.image_column)
