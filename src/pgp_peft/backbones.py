@@ -32,7 +32,9 @@ the features are the CLS output and the distillation token is left to the backbo
 head: `DeiTModel`, not `DeiTForImageClassificationWithTeacher`). SigLIP has no CLS token: prompts go
 first, `[prompts, patches]`, and the query and the token features are the mean of the patch outputs
 (prompts excluded), the same rule for the frozen query and for the prompted features; SigLIP's own
-attention-pooling head is not used (it would attend over the prompts too).
+attention-pooling head is not used (it would attend over the prompts too). SigLIP's attention does not
+pass forward kwargs to the attention function (transformers 5.24), so attention prefixes (DualPrompt)
+are refused on it with a `TypeError`; prompt tokens (L2P) work.
 
 `load_backbone` loads a supported checkpoint by name (Hub id, local folder or a built-in name).
 """
@@ -149,6 +151,9 @@ class BackboneFamily:
     final_norm: LayerNorm the model applies only to its pooled token, to be applied to every token
         here (CLIP's `post_layernorm`); None when `last_hidden_state` is already normalised.
     has_text_tower: the model also has a text tower (CLIPModel).
+    passes_attention_kwargs: the model hands forward kwargs down to its attention function, which is
+        how prefixes reach attention and queries are recorded (SigLIP's attention does not, in
+        transformers 5.24: prefix methods refuse SigLIP with a clear error rather than run unprompted).
     """
 
     name: str
@@ -161,6 +166,7 @@ class BackboneFamily:
     prompt_position_embedding: str | None
     final_norm: str | None
     has_text_tower: bool = False
+    passes_attention_kwargs: bool = True
 
 
 BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
@@ -230,6 +236,7 @@ BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
         num_special_tokens=0,
         prompt_position_embedding=None,
         final_norm=None,
+        passes_attention_kwargs=False,
     ),
 )
 
@@ -373,6 +380,13 @@ class VisionBackbone(nn.Module):
         LayerNorm (CLIP: `post_layernorm`, which CLIP applies to the pooled token, applied to all)."""
         query_recorder = query_recorder or self._recorders.query_recorder
         token_recorder = token_recorder or self._recorders.token_recorder
+        has_prefix = any(key.shape[1] for key, _ in (prefixes or {}).values())
+        if (has_prefix or query_recorder is not None) and not self.family.passes_attention_kwargs:
+            raise TypeError(
+                f"{type(self.vision).__name__} does not pass forward kwargs to its attention function, so "
+                "attention prefixes (DualPrompt) and query recording cannot reach it; use a method that "
+                "inserts prompt tokens (L2P) on this backbone"
+            )
         kwargs = {}
         if prefixes:
             kwargs[PREFIX_KWARG] = prefixes
