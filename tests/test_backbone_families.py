@@ -176,3 +176,30 @@ def test_prompt_methods_run_and_a_batch_equals_each_sample_alone(family, method,
         alone = torch.cat([model(pixel_values[i : i + 1]).logits for i in range(pixel_values.shape[0])])
     assert batch.shape == (3, 4)
     torch.testing.assert_close(batch, alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["deit", "dinov2", "siglip"])
+def test_new_families_train_reload_and_load_by_name(pixel_values, family, tmp_path):
+    from pgp_peft.backbones import load_backbone
+
+    source = tmp_path / f"tiny-{family}"
+    make_model(family).save_pretrained(source)
+    configs = [PromptGradientProjectionConfig.l2p(num_classes=6, pool_size=4, top_k=2, prompt_length=3)]
+    if backbone_family(make_model(family)).passes_attention_kwargs:
+        configs.append(
+            PromptGradientProjectionConfig.dualprompt(
+                num_classes=6, pool_size=4, g_prompt_layers=[0], e_prompt_layers=[1], g_prompt_length=2
+            )
+        )
+    for config in configs:
+        model = PGPModel(config, base_model=load_backbone(str(source)))
+        assert type(model.backbone.model) is type(make_model(family))
+        assert not any("pooler" in name for name, _ in model.backbone.model.named_parameters())
+        model.train()
+        model(pixel_values, labels=torch.tensor([0, 1, 0]), task_id=0).loss.backward()
+        assert all(p.grad is None for p in model.backbone.parameters())
+        model.eval()
+        model.save_pretrained(tmp_path / config.method)
+        loaded = PGPModel.from_pretrained(tmp_path / config.method)  # backbone rebuilt from the recorded path
+        with torch.no_grad():
+            assert torch.equal(loaded(pixel_values).logits, model(pixel_values).logits)

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,9 @@ class BackboneFamily:
         share, or None (prompt tokens get no position embedding).
     final_norm: LayerNorm the model applies only to its pooled token, to be applied to every token
         here (CLIP's `post_layernorm`); None when `last_hidden_state` is already normalised.
+    model_type: `config.model_type` of the checkpoints `load_backbone` loads as this family (None: not
+        loadable by name; pass the model).
+    load_kwargs: extra `from_pretrained` kwargs (ViT, DeiT: no pooler, the adapter does not use it).
     has_text_tower: the model also has a text tower (CLIPModel).
     passes_attention_kwargs: the model hands forward kwargs down to its attention function, which is
         how prefixes reach attention and queries are recorded (SigLIP's attention does not, in
@@ -165,6 +168,8 @@ class BackboneFamily:
     num_special_tokens: int
     prompt_position_embedding: str | None
     final_norm: str | None
+    model_type: str | None = None
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
     has_text_tower: bool = False
     passes_attention_kwargs: bool = True
 
@@ -180,6 +185,8 @@ BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
         num_special_tokens=1,
         prompt_position_embedding="embeddings.position_embeddings",
         final_norm=None,
+        model_type="vit",
+        load_kwargs={"add_pooling_layer": False},
     ),
     BackboneFamily(
         name="deit",
@@ -191,6 +198,8 @@ BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
         num_special_tokens=2,
         prompt_position_embedding="embeddings.position_embeddings",
         final_norm=None,
+        model_type="deit",
+        load_kwargs={"add_pooling_layer": False},
     ),
     BackboneFamily(
         name="dinov2",
@@ -202,6 +211,7 @@ BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
         num_special_tokens=1,
         prompt_position_embedding="embeddings.position_embeddings",
         final_norm=None,
+        model_type="dinov2",
     ),
     BackboneFamily(
         name="clip",
@@ -214,6 +224,7 @@ BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
         prompt_position_embedding=None,
         final_norm="post_layernorm",
         has_text_tower=True,
+        model_type="clip",
     ),
     BackboneFamily(
         name="clip_vision",
@@ -225,6 +236,7 @@ BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
         num_special_tokens=1,
         prompt_position_embedding=None,
         final_norm="post_layernorm",
+        model_type="clip_vision_model",
     ),
     BackboneFamily(
         name="siglip",
@@ -237,6 +249,7 @@ BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
         prompt_position_embedding=None,
         final_norm=None,
         passes_attention_kwargs=False,
+        model_type="siglip_vision_model",
     ),
 )
 
@@ -251,6 +264,11 @@ def backbone_family(model: nn.Module) -> BackboneFamily:
             return family
     names = ", ".join(cls.__name__ for family in BACKBONE_FAMILIES for cls in family.model_classes)
     raise TypeError(f"pgp_peft supports {names}; got {type(model).__name__}")
+
+
+def family_of_model_type(model_type: str) -> BackboneFamily | None:
+    """The family whose checkpoints have `config.model_type == model_type`, or None."""
+    return next((family for family in BACKBONE_FAMILIES if family.model_type == model_type), None)
 
 
 def _get(module: Any, path: str) -> Any:
@@ -461,20 +479,10 @@ def resolve_builtin(name: str | None) -> str | None:
     return name
 
 
-# config.model_type -> (model class, extra from_pretrained arguments). ViT and DeiT without their pooler.
-LOADABLE_MODEL_TYPES: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
-    "vit": (ViTModel, {"add_pooling_layer": False}),
-    "deit": (DeiTModel, {"add_pooling_layer": False}),
-    "dinov2": (Dinov2Model, {}),
-    "clip": (CLIPModel, {}),
-    "siglip_vision_model": (SiglipVisionModel, {}),
-}
-
-
 def load_backbone(
     name: str | None, revision: str | None = None, config_overrides: dict[str, Any] | None = None
 ) -> nn.Module:
-    """Load a frozen-backbone candidate (`LOADABLE_MODEL_TYPES`) from a Hub id, a local folder or a
+    """Load a frozen backbone of a `BACKBONE_FAMILIES` model type from a Hub id, a local folder or a
     built-in name, with `config_overrides` (e.g. layer_norm_eps) applied to its config."""
     name = resolve_builtin(name)
     if not name:
@@ -486,9 +494,11 @@ def load_backbone(
 
     try:
         config = AutoConfig.from_pretrained(name, revision=revision, **(config_overrides or {}))
-        if config.model_type in LOADABLE_MODEL_TYPES:
-            model_class, extra = LOADABLE_MODEL_TYPES[config.model_type]
-            return model_class.from_pretrained(name, revision=revision, config=config, **extra)
+        family = family_of_model_type(config.model_type)
+        if family is not None:
+            return family.model_classes[0].from_pretrained(
+                name, revision=revision, config=config, **family.load_kwargs
+            )
     except OSError as error:
         raise OSError(
             f"could not load the base model {name!r} at revision {revision!r}: {error}\n"
@@ -496,7 +506,8 @@ def load_backbone(
             "PGPModel.from_pretrained(repo, base_model=ViTModel.from_pretrained(local_dir))"
         ) from error
     raise TypeError(
-        f"base model {name!r} is a {config.model_type!r} model; pgp_peft loads {sorted(LOADABLE_MODEL_TYPES)}"
+        f"base model {name!r} is a {config.model_type!r} model; pgp_peft loads "
+        f"{[family.model_type for family in BACKBONE_FAMILIES if family.model_type]}"
     )
 
 
