@@ -71,11 +71,6 @@ def collect_reference_rows(
     return {name: torch.cat(parts) for name, parts in rows.items()}
 
 
-def reference_representations(model, rows: dict[str, torch.Tensor], task_id: int) -> dict[str, torch.Tensor]:
-    """PCA-reduce per-sample rows as the reference does (per method, see `PGPMethod`)."""
-    return model.method.reference_representations(rows, task_id)
-
-
 @torch.no_grad()
 def update_memory(
     model,
@@ -110,7 +105,7 @@ def update_memory(
         rows = {
             name: gather_fn(matrix.to(next(model.parameters()).device)).cpu() for name, matrix in rows.items()
         }
-        representations = reference_representations(model, rows, task_id)
+        representations = model.method.reference_representations(rows, task_id)
         return {
             name: model.memory.update_reference(name, representation, model.method.threshold(name))
             for name, representation in representations.items()
