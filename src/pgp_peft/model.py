@@ -21,7 +21,13 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .backbones import VisionBackbone, backbone_config_signature, build_backbone, load_base_model
+from .backbones import (
+    VisionBackbone,
+    backbone_config_signature,
+    build_backbone,
+    load_base_model,
+    resolve_builtin,
+)
 from .cards import LIBRARY_NAME, RUN_FILES, build_model_card, card_kwargs_from_run
 from .config import CONFIG_NAME, PromptGradientProjectionConfig
 from .hub import (
@@ -251,8 +257,6 @@ class PGPModel(nn.Module):
             kwargs: dict[str, Any] = {"mode": self.config.preprocessing}
             if self.config.preprocessing == "processor":
                 from transformers import AutoImageProcessor
-
-                from .backbones import resolve_builtin
 
                 kwargs["image_processor"] = AutoImageProcessor.from_pretrained(
                     resolve_builtin(self.config.base_model_name_or_path), revision=self.config.revision
