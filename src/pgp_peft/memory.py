@@ -9,6 +9,10 @@ representations to `projection.py`:
 
 Which rows protect which space is the method's business (`PGPMethod.memory_rows`, `prompt_terms`,
 `reference_rows`, `reference_representations`); this module streams, sums and hands over.
+
+Reference mode reproduces the reference pipeline's inputs too: the memory samples go through the
+training transform (every method: the reference draws them from its training loader; the trainer's
+default), and each method's `reference_rows` runs the pass the reference's memory code runs.
 """
 
 from __future__ import annotations

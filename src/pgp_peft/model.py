@@ -531,6 +531,10 @@ def get_pgp_model(
 
     The base model is frozen and switched to the `pgp_*` attention implementation; nothing else in
     it changes. `num_classes` overrides `config.num_classes`; `tokenizer` as in `PGPModel`.
+
+    The prompts, keys, head (and CLIP's text contexts) are drawn from torch's global RNG, as every
+    `transformers` / `peft` model is: call `transformers.set_seed(seed)` *before* this function for
+    a reproducible run (`ContinualTrainer` seeds each task itself, but not the initialisation).
     """
     if num_classes is not None:
         config = config.replace(num_classes=num_classes)

@@ -161,8 +161,9 @@ class ContinualTrainer(Trainer):
             `remove_unused_columns=False` with lazily transformed datasets).
         splits: the class-incremental splits (`data.make_class_incremental_splits`).
         train_transform / eval_transform: batched transforms for `Dataset.with_transform`.
-        memory_transform: transform for the memory samples (default: eval_transform; the reference
-            L2P collects with train-time augmentation).
+        memory_transform: transform for the memory samples (default: train_transform in
+            `projection_space="reference"`, as the reference draws them from its training loader;
+            eval_transform in feature mode).
         first_task_args: TrainingArguments fields that differ on the first task (CLIP: lr, weight decay).
         online: one pass over each task's stream (online class-IL).
         task_end_callbacks: called as `fn(trainer, task_id, result)` after each task's checkpoint
@@ -207,11 +208,18 @@ class ContinualTrainer(Trainer):
         self.splits = splits
         self.train_transform = train_transform
         self.eval_transform = eval_transform
-        self.memory_transform = memory_transform or eval_transform
+        if memory_transform is None:
+            reference = model.config.projection_space == "reference"
+            memory_transform = (
+                train_transform if reference and train_transform is not None else eval_transform
+            )
+        self.memory_transform = memory_transform
         self.first_task_args = dict(first_task_args or {})
         self.online = online
         self.task_end_callbacks = list(task_end_callbacks or [])
         self.recipe = recipe
+        # Extra top-level entries of results.json (the runner's no-PGP baseline, for instance).
+        self.extra_results: dict[str, Any] = {}
         self.current_task = 0
         self.projection_callback = ProjectionCallback(model)
         self.add_callback(self.projection_callback)
@@ -600,6 +608,7 @@ class ContinualTrainer(Trainer):
             "manifest": self.splits.to_manifest(),
             "config": self.model.config.to_dict(),
             "recipe": _without_secrets(self.recipe),
+            **self.extra_results,
         }
 
     def model_card_kwargs(self, result: ContinualResult) -> dict[str, Any]:

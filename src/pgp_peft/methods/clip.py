@@ -41,14 +41,15 @@ class CLIPPromptConfig(PromptGradientProjectionConfig):
     image_prompt_length: tokens of the shared image prompt.
     text_context_length: CoOp context vectors per task.
     text_template: the class text around the name, `"{}."` gives "X X ... X {name}.".
-    prompt_init: init of the image prompt (`"normal"`: N(0, 0.02²); `"uniform"`, `"zero"`).
+    prompt_init: init of the image prompt: `"linear"` (U(±1/√D), the reference: its image prompt is the
+        weight of an `nn.Linear`), `"normal"` (N(0, 0.02²)), `"uniform"` (U(-1, 1)) or `"zero"`.
     """
 
     method: str = "clip"
     image_prompt_length: int = 10
     text_context_length: int = 16
     text_template: str = "{}."
-    prompt_init: str = "normal"
+    prompt_init: str = "linear"
 
     legacy_fields: ClassVar[dict[str, Any]] = {
         "tuning_type": "prompt",

@@ -36,7 +36,8 @@ class L2PConfig(PromptGradientProjectionConfig):
 
     pool_size, prompt_length, top_k: a pool of `pool_size` prompts of `prompt_length` tokens, `top_k`
         selected per sample.
-    prompt_init, key_init: `"uniform"` (U(-1, 1), as the reference), `"zero"` or `"normal"`.
+    prompt_init, key_init: `"uniform"` (U(-1, 1), as the reference), `"linear"` (U(±1/√D)), `"zero"` or
+        `"normal"` (N(0, 0.02²)).
     use_prompt_keys: learn keys and select prompts by key-query cosine similarity (False: every sample
         uses the first `top_k` prompts, L2P's "no key" ablation).
     batchwise_prompt: the reference's batch-wise majority vote over selected ids. Off by default: it
