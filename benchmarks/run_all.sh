@@ -48,9 +48,10 @@ START=$(date +%s.%N)
 parallel forgetting "python bench_forgetting.py --dataset fashion_mnist" "python bench_forgetting.py --dataset digits"
 # 2. threshold sweep (reuses the eps=0.97 and no-PGP runs of step 1), one method per worker
 parallel thresholds "python bench_thresholds.py --method l2p" "python bench_thresholds.py --method dualprompt"
-# 3./4. cost and scaling: alone, so our own workers do not disturb the timings
+# 3./4./5. cost, scaling and whole-run phases: alone, so our own workers do not disturb the timings
 stage cost python bench_cost.py
 stage scaling python bench_scaling.py
+stage run python bench_run.py
 TOTAL=$(python -c "print(round($(date +%s.%N) - $START, 1))")
 times > "$LOGS/times.txt"   # line 2: user and system CPU time of all finished children
 python make_report.py --total-seconds "$TOTAL" --stages "$LOGS/stages.tsv" --cpu-times "$LOGS/times.txt"

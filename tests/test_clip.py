@@ -354,3 +354,9 @@ def test_save_load_round_trip(model, clip_template, tokenizer, tmp_path):
     assert torch.equal(got, expected)
     assert torch.equal(loaded.memory.basis("image_prompt"), basis)
     assert loaded.config.class_names == CLASS_NAMES
+
+
+def test_clip_takes_no_precomputed_query(model):
+    """CLIP has no frozen query pass: a query passed in (e.g. from a cache) is an error, not ignored."""
+    with pytest.raises(ValueError, match="takes no query"):
+        model(pixels(), query=torch.zeros(3, model.hidden_size))

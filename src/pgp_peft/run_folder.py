@@ -50,6 +50,8 @@ BASELINE_DIR = "baseline"
 # workers): a resume may change them.
 FINGERPRINT_IGNORED = ("name", "description", "paper", "hub", "training.logging_steps")
 FINGERPRINT_IGNORED += ("training.dataloader_num_workers", "training.use_cpu", "training.report_to")
+# The caches give the same numbers bit for bit (tested), so a resume may switch them.
+FINGERPRINT_IGNORED += ("training.eval_query_cache", "training.train_query_cache", "training.decode_cache")
 # `tempfile.mkdtemp` / `mkstemp` names: prefix + 8 characters of this alphabet.
 _RANDOM = r"[a-z0-9_]{8}"
 

@@ -76,7 +76,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_grad_norm": 1.0,
         "seed": 42,
         "online": False,
-        "bf16": False,
+        "bf16": None,  # None: bf16 autocast when a CUDA device with bf16 is used, fp32 otherwise
         "first_task_base_lr": None,
         "first_task_weight_decay": None,
         "logging_steps": 20,
@@ -89,6 +89,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "full_determinism": False,
         # torch intra-op CPU threads (null: torch's default). Tiny models run fastest on 1.
         "torch_threads": None,
+        # speed options of ContinualTrainer (README "Performance notes")
+        "eval_query_cache": True,
+        "train_query_cache": None,  # None: when the training transform is not augmented
+        "decode_cache": True,
+        "compile_backbone": False,
     },
     "hub": {"push_to_hub": False, "hub_model_id": None, "private": None, "strategy": "end", "token": None},
 }
@@ -203,6 +208,8 @@ _TYPE_EXAMPLES: dict[str, Any] = {
     "data.class_names": [],
     "training.first_task_base_lr": 0.1,
     "training.first_task_weight_decay": 0.1,
+    "training.bf16": False,
+    "training.train_query_cache": False,
     "hub.private": False,
 }
 
@@ -405,7 +412,7 @@ def build_training_arguments(recipe: dict[str, Any], output_dir: str):
         max_grad_norm=training["max_grad_norm"],
         seed=training["seed"],
         full_determinism=training["full_determinism"],
-        bf16=training["bf16"],
+        bf16=use_bf16(training),
         logging_steps=training["logging_steps"],
         save_strategy="no",
         report_to=_report_to(training["report_to"]),
@@ -431,6 +438,23 @@ def _report_to(value: Any) -> list[str]:
     if unknown:
         raise ValueError(f"training.report_to: unknown tracker(s) {unknown}; expected names from {known}")
     return [] if names in ([], ["none"]) else names
+
+
+def use_bf16(training: dict[str, Any]) -> bool:
+    """`training.bf16`, or when unset (None): bf16 autocast on a CUDA device that supports it. The adapter's
+    parameters, gradients and the projection stay float32 either way."""
+    import torch
+
+    if training["bf16"] is not None:
+        return bool(training["bf16"])
+    return not training["use_cpu"] and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def trainer_speed_options(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The `ContinualTrainer` speed options a recipe sets (query caches, decode cache, compiled backbone)."""
+    training = recipe["training"]
+    keys = ("eval_query_cache", "train_query_cache", "decode_cache", "compile_backbone")
+    return {key: training[key] for key in keys}
 
 
 def first_task_arguments(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -501,6 +525,7 @@ def run_recipe(
         online=recipe["training"]["online"],
         task_end_callbacks=_hub_callbacks(recipe),
         recipe=recipe,
+        **trainer_speed_options(recipe),
     )
     if baseline is not None:
         trainer.extra_results["baseline"] = baseline_payload(baseline)

@@ -113,6 +113,8 @@ class CLIPPromptMethod(PGPMethod):
 
     def features(self, pixel_values, task_id=None, *, query=None, use_task_slot=None) -> MethodOutput:
         """pixel_values (B, C, H, W) -> post-LayerNorm CLS of the prompted pass (B, D); no selection."""
+        if query is not None:
+            raise ValueError("method='clip' selects no prompts by key: it takes no query")
         tokens = self.image_prompt.tokens(pixel_values.shape[0])
         hidden = self.backbone(pixel_values, prompt_tokens=tokens)
         return MethodOutput(self.backbone.pool(hidden, num_prompt_tokens=tokens.shape[1]))

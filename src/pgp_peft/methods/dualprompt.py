@@ -27,7 +27,7 @@ from ..config import PROMPT_INITS, PromptGradientProjectionConfig, check_choice,
 from ..projection import reference_pca
 from ..prompts import PrefixPromptPool, PromptSelection, select_by_key
 from .base import MethodCard, MethodOutput, PGPMethod, ProtectedSlice
-from .prompt_selection import pull_loss, task_slots
+from .prompt_selection import check_query, pull_loss, task_slots
 
 
 @dataclass
@@ -108,6 +108,7 @@ class DualPromptMethod(PGPMethod):
     """DualPrompt's G/E prefix pools on a frozen backbone (see the module docstring)."""
 
     name = "dualprompt"
+    uses_query = True
     card = MethodCard(
         name="DualPrompt",
         contents="the G-prompt, the E-prompt pool, its keys and the classification head",
@@ -156,6 +157,7 @@ class DualPromptMethod(PGPMethod):
             # The pull term needs the query-key similarity even when the task id forces the slot.
             if query is None:
                 query = self.backbone.query(pixel_values)
+            check_query(query, batch, self.backbone.hidden_size)
             selection = self.prefix_pool.select(query, forced)
         prefixes = self.prefix_pool.prefixes(batch, selection.indices if selection is not None else None)
         hidden = self.backbone(pixel_values, prefixes=prefixes)
@@ -211,8 +213,11 @@ class DualPromptMethod(PGPMethod):
             self.backbone(pixel_values, prefixes=prefixes, query_recorder=record)
         return queries
 
-    def memory_rows(self, pixel_values: torch.Tensor, task_id: int) -> dict[str, torch.Tensor]:
-        """Head h of a prefix layer protects against the queries of head h: rows (B, N, d)."""
+    def memory_rows(
+        self, pixel_values: torch.Tensor, task_id: int, *, query: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Head h of a prefix layer protects against the queries of head h: rows (B, N, d). (The stored
+        frozen queries are not needed: the task's slots are known.)"""
         rows: dict[str, torch.Tensor] = {}
         for layer, query in self._record_prefix_queries(pixel_values, task_id).items():
             for head, name in enumerate(self.prefix_space_names(layer)):
