@@ -93,21 +93,21 @@ def test_no_projection_during_the_first_task(probed_dualprompt_run):
     # The probes do see the projection once the memory holds task 0's bases.
     for (_, ranks, before), (_, _, after) in later:
         assert any(ranks.values())
-        assert not torch.equal(before["prefix_pool.g_prompt"], after["prefix_pool.g_prompt"])
+        assert not torch.equal(before["method.prefix_pool.g_prompt"], after["method.prefix_pool.g_prompt"])
 
 
 def test_projected_step_changes_only_protected_slices(probed_dualprompt_run):
     model, raw, projected, bases = probed_dualprompt_run
     heads = model.backbone.num_heads
     layers = {
-        "prefix_pool.g_prompt": model.prefix_pool.g_layers,
-        "prefix_pool.e_prompt": model.prefix_pool.e_layers,
+        "method.prefix_pool.g_prompt": model.method.prefix_pool.g_layers,
+        "method.prefix_pool.e_prompt": model.method.prefix_pool.e_layers,
     }
     for (task, _, before), (_, _, after) in zip(raw, projected):
         if task != 1:
             continue
         # Not protected (as in the paper): value halves, E-prompt keys, the head.
-        for name in ("prefix_pool.e_key", "head.weight", "head.bias"):
+        for name in ("method.prefix_pool.e_key", "head.weight", "head.bias"):
             assert torch.equal(before[name], after[name]), name
         for name in layers:
             assert torch.equal(before[name][:, 1], after[name][:, 1]), f"value half of {name} changed"
@@ -282,12 +282,12 @@ def test_dualprompt_memory_skips_the_query_pass_but_records_the_same_queries():
     expected: dict[str, torch.Tensor] = {}
 
     def record(layer, query):
-        for head, name in enumerate(model.prefix_space_names(layer)):
+        for head, name in enumerate(model.method.prefix_space_names(layer)):
             rows = query[:, head].reshape(-1, query.shape[-1]).double()
             expected[name] = expected.get(name, 0) + rows.t() @ rows
 
-    with torch.no_grad():
-        model.forward_features(pixel_values, 1, query_recorder=record, use_task_slot=True)
+    with torch.no_grad(), model.backbone.recording(query_recorder=record):
+        model.forward_features(pixel_values, 1, use_task_slot=True)
     assert set(expected) == set(grams)
     for name, gram in expected.items():
         assert torch.allclose(grams[name], gram, rtol=1e-6, atol=1e-8), name
@@ -307,7 +307,7 @@ def _prefix_rows(model, pixel_values: torch.Tensor, slots: torch.Tensor) -> dict
         rows[f"prefix_l{layer}"] = query.flatten(1).float()
 
     with torch.no_grad():
-        prefixes = model.prefix_pool.prefixes(pixel_values.shape[0], slots)
+        prefixes = model.method.prefix_pool.prefixes(pixel_values.shape[0], slots)
         model.backbone(pixel_values, prefixes=prefixes, query_recorder=record)
     return rows
 
@@ -325,9 +325,11 @@ def test_reference_dualprompt_memory_selects_e_prompts_as_the_reference_memory_p
         query = model.backbone.embeddings(pixel_values).amax(dim=1)  # (B, D)
         keys = -query.mean(0).expand(model.config.pool_size, -1).clone()
         keys[2] = query.mean(0)  # slot 2 matches every sample's max-pooled embedding
-        model.prefix_pool.e_key.copy_(keys)
+        model.method.prefix_pool.e_key.copy_(keys)
         frozen_cls = model.backbone.query(pixel_values)
-    assert model._task_slot(0, 5, pixel_values.device, use_task_slot=True).tolist() == [[0]] * 5
+    from pgp_peft.methods.prompt_selection import task_slots
+
+    assert task_slots(model.method, 0, 5, pixel_values.device, use_task_slot=True).tolist() == [[0]] * 5
 
     rows = collect_reference_rows(model, [pixel_values], task_id=0, memory_samples=None)
     expected = _prefix_rows(model, pixel_values, torch.full((5, 1), 2))
@@ -342,7 +344,7 @@ def test_reference_dualprompt_memory_selects_e_prompts_as_the_reference_memory_p
     with torch.no_grad():
         keys = torch.nn.functional.normalize(torch.randn(model.config.pool_size, 32), dim=-1)
         keys[1] = torch.nn.functional.normalize(frozen_cls.mean(0), dim=-1)
-        model.prefix_pool.e_key.copy_(keys)
+        model.method.prefix_pool.e_key.copy_(keys)
     by_embedding = torch.nn.functional.normalize(query, dim=-1) @ keys.t()
     by_cls = torch.nn.functional.normalize(frozen_cls, dim=-1) @ keys.t()
     assert not torch.equal(by_embedding.argmax(-1), by_cls.argmax(-1))  # the setup tells them apart

@@ -496,7 +496,7 @@ def test_non_finite_parameters_or_grams_stop_with_a_named_error(tmp_path):
     (tmp_path / "checkpoint-task-0" / "continual_state.json").write_text("{}")
     trainer.check_finite_parameters()  # healthy
     with torch.no_grad():
-        model.prompt_pool.prompt.view(-1)[0] = float("inf")
+        model.method.prompt_pool.prompt.view(-1)[0] = float("inf")
     with pytest.raises(
         TrainingDivergedError, match=r"in task 1 at step 0: non-finite values in parameter\(s\)"
     ) as info:

@@ -23,6 +23,7 @@ from pgp_peft.data import (  # noqa: E402
     collate,
     with_image_transform,
 )
+from pgp_peft.methods.prompt_selection import task_slots  # noqa: E402
 from pgp_peft.query_cache import QueryCache  # noqa: E402
 from pgp_peft.runner import DEFAULTS, trainer_speed_options, use_bf16  # noqa: E402
 from pgp_peft.trainer import ContinualTrainer  # noqa: E402
@@ -91,10 +92,10 @@ def test_precomputed_query_gives_the_same_outputs_bitwise(method, pixel_values):
 def test_task_slot_from_an_int_equals_the_tensor_path(pixel_values):
     model = tiny_cl.make_model("dualprompt", num_classes=4)
     model.train()
-    as_int = model._task_slot(1, 4, pixel_values.device)
-    as_tensor = model._task_slot(torch.full((4,), 1), 4, pixel_values.device)
+    as_int = task_slots(model.method, 1, 4, pixel_values.device)
+    as_tensor = task_slots(model.method, torch.full((4,), 1), 4, pixel_values.device)
     assert torch.equal(as_int, as_tensor) and as_int.tolist() == [[1]] * 4
-    assert model._task_slot(model.config.pool_size, 4, pixel_values.device) is None  # beyond the pool
+    assert task_slots(model.method, model.config.pool_size, 4, pixel_values.device) is None  # beyond the pool
 
 
 # ---------------------------------------------------------------------------------- data path

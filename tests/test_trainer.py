@@ -138,7 +138,7 @@ class TaskRecorder(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         task = self.trainer.current_task
         self.optimizers[task] = optimizer
-        self.slots_at_begin[task] = self.trainer.model.prefix_pool.e_prompt.detach().clone()
+        self.slots_at_begin[task] = self.trainer.model.method.prefix_pool.e_prompt.detach().clone()
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         task = self.trainer.current_task
@@ -150,7 +150,7 @@ class TaskRecorder(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         task = self.trainer.current_task
         self.epochs[task] = state.epoch
-        self.slots_at_end[task] = self.trainer.model.prefix_pool.e_prompt.detach().clone()
+        self.slots_at_end[task] = self.trainer.model.method.prefix_pool.e_prompt.detach().clone()
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +313,7 @@ def test_bf16_autocast_projects_float32_gradients(tmp_path):
     assert trainer.accelerator.mixed_precision == "bf16"
     assert head_dtypes == {torch.bfloat16}, "bf16 autocast was not active in training"
     assert {(p, g) for _, p, g in probe.seen} == {(torch.float32, torch.float32)}
-    assert {n for n, _, _ in probe.seen} >= {"prompt_pool.prompt", "prompt_pool.key"}
+    assert {n for n, _, _ in probe.seen} >= {"method.prompt_pool.prompt", "method.prompt_pool.key"}
     assert_matrix_layout(result.accuracy.values, 2)
     leak = tiny_cl.relative_leaks(model, snapshots.before[1], snapshots.after[1], snapshots.bases[1])
     print(f"bf16 relative leak: {leak}")

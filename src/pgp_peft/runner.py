@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from .hub import load_backbone, resolve_builtin
+from .backbones import load_backbone, resolve_builtin
 from .run_folder import BASELINE_DIR, prepare_output_dir
 
 logger = logging.getLogger("pgp_peft")
@@ -144,15 +144,21 @@ def load_recipe(name_or_path: str, directory: Path | None = None) -> dict[str, A
     return recipe
 
 
-def _valid_keys(recipe: dict[str, Any]) -> list[str]:
-    from .config import PromptGradientProjectionConfig
+def _adapter_fields() -> dict[str, Any]:
+    """Every registered method's config fields by name (the first method declaring a name wins)."""
+    from .config import config_class
+    from .methods import available_methods
 
+    fields: dict[str, Any] = {}
+    for method in available_methods():
+        for name, field in config_class(method).__dataclass_fields__.items():
+            fields.setdefault(name, field)
+    return fields
+
+
+def _valid_keys(recipe: dict[str, Any]) -> list[str]:
     keys = [f"{section}.{key}" for section in SECTIONS for key in recipe[section]]
-    keys += [
-        f"adapter.{f}"
-        for f in PromptGradientProjectionConfig.__dataclass_fields__
-        if f"adapter.{f}" not in keys
-    ]
+    keys += [f"adapter.{f}" for f in _adapter_fields() if f"adapter.{f}" not in keys]
     return keys
 
 
@@ -218,9 +224,7 @@ def _type_example(section: str, name: str, current: Any) -> Any:
     if section == "adapter":  # a config field the recipe does not set: its dataclass default
         import dataclasses
 
-        from .config import PromptGradientProjectionConfig
-
-        field = PromptGradientProjectionConfig.__dataclass_fields__.get(name)
+        field = _adapter_fields().get(name)
         if field is not None and field.default is not dataclasses.MISSING:
             return field.default
         if field is not None and field.default_factory is not dataclasses.MISSING:
@@ -367,21 +371,21 @@ def _limit_splits(splits, max_train: int | None, max_test: int | None, seed: int
 
 def build_adapter_config(recipe: dict[str, Any], num_classes: int, class_names: list[str] | None):
     from .config import PromptGradientProjectionConfig
+    from .methods import available_methods
 
     values = dict(recipe["adapter"])
-    method = values.pop("method", "l2p")
-    preset = getattr(PromptGradientProjectionConfig, method, None)
-    if preset is None or method not in ("l2p", "dualprompt", "clip"):
-        raise ValueError(f"adapter.method: unknown method {method!r}; expected l2p, dualprompt or clip")
+    method = values.setdefault("method", "l2p")
+    if method not in available_methods():
+        raise ValueError(f"adapter.method: unknown method {method!r}; expected one of {available_methods()}")
     values.setdefault("num_classes", num_classes)
-    if method == "clip":
-        values.setdefault("class_names", class_names)
+    values.setdefault("class_names", class_names)
     values.setdefault("preprocessing", recipe["data"]["preprocessing"])
     values.setdefault("num_tasks", recipe["data"]["num_tasks"])
     values["base_model_name_or_path"] = recipe["model"]["base_model_name_or_path"]
     values["base_model_kwargs"] = _backbone_kwargs(recipe["model"])
     values["revision"] = recipe["model"]["revision"]
-    return preset(**values)
+    # from_dict: a recipe written for 0.1.0 may name fields its method does not use (dropped there).
+    return PromptGradientProjectionConfig.from_dict(values)
 
 
 def build_training_arguments(recipe: dict[str, Any], output_dir: str):
@@ -508,9 +512,8 @@ def run_recipe(
     config = build_adapter_config(recipe, splits.num_classes, splits.class_names)
     if backbone is None:
         backbone = build_backbone_model(recipe["model"])
-    model_kwargs = {"tokenizer": tokenizer} if (config.method == "clip" and tokenizer is not None) else {}
     model = get_pgp_model(
-        backbone, config, attn_implementation=recipe["model"]["attn_implementation"], **model_kwargs
+        backbone, config, attn_implementation=recipe["model"]["attn_implementation"], tokenizer=tokenizer
     )
     args = build_training_arguments(recipe, output_dir)
     trainer = ContinualTrainer(
@@ -596,9 +599,10 @@ def baseline_payload(result) -> dict[str, Any]:
 
 def print_comparison(recipe, method: str, result, baseline, output_dir: str) -> None:
     """Both runs' summaries side by side, and how to read them."""
+    from .methods import get_method
     from .metrics import format_comparison
 
-    name = {"l2p": "L2P", "dualprompt": "DualPrompt", "clip": "CLIP"}[method]
+    name = get_method(method).method_cls.card.name
     print(f"\n== What PGP bought in this run ({recipe['name']}, after {result.accuracy.num_tasks} tasks)")
     print(format_comparison({f"{name}-PGP": result.summary, f"{name} (no PGP)": baseline.summary}))
     print(HOW_TO_READ_COMPARISON)
@@ -825,10 +829,7 @@ def validate_recipe(recipe: dict[str, Any]) -> None:
     fraction = data.get("holdout_fraction")
     if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
         raise ValueError(f"data.holdout_fraction: must lie in (0, 1) or be null, got {fraction!r}")
-    method = recipe["adapter"].get("method", "l2p")
-    if method not in ("l2p", "dualprompt", "clip"):
-        raise ValueError(f"adapter.method: unknown method {method!r}; expected l2p, dualprompt or clip")
-    try:  # every adapter field, with the class count still unknown
+    try:  # the method and every adapter field, with the class count still unknown
         build_adapter_config(recipe, None, data.get("class_names"))
     except (TypeError, ValueError) as error:
         raise ValueError(str(error).replace("PromptGradientProjectionConfig.", "adapter.")) from None

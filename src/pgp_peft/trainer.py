@@ -32,6 +32,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import set_seed
 
+from .cards import card_kwargs_from_results
 from .data import (
     ROW_ID,
     BatchTransform,
@@ -43,7 +44,6 @@ from .data import (
     with_image_transform,
 )
 from .fileio import atomic_write_text, replace_dir, staging_dir
-from .hub import card_kwargs_from_results
 from .memory import NonFiniteMemoryError, memory_update_timing, update_memory
 from .metrics import (
     AccuracyMatrix,
@@ -363,8 +363,8 @@ class ContinualTrainer(Trainer):
 
     @property
     def _uses_query(self) -> bool:
-        """L2P and DualPrompt select prompts by a frozen query; CLIP has no query pass."""
-        return self.model.config.method != "clip"
+        """Whether the method selects prompts by a frozen query (L2P, DualPrompt; not CLIP)."""
+        return self.model.method.uses_query
 
     def _cached_query(self, split: str, row_ids: list[int], pixel_values: torch.Tensor) -> torch.Tensor:
         # Compute a query as the uncached path would: in training inside the Trainer's autocast-wrapped
