@@ -1,0 +1,1 @@
+"""PGP methods, one module per method (LoRA-PGP in `lora.py`)."""

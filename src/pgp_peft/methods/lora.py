@@ -1,0 +1,339 @@
+"""LoRA-PGP: null-space gradient projection for stock `peft` LoRA adapters on a frozen ViT / CLIP vision tower.
+
+The adapter is created by `peft` itself (`LoraConfig` + `inject_adapter_in_model`), so every adapted linear
+is a `peft.tuners.lora.Linear` computing
+
+    y = W0 x + s * B A x,        A = lora_A.weight (r, d_in),  B = lora_B.weight (d_out, r),  s = alpha / r.
+
+What PGP protects, per adapted linear at path `p` (relative to the model passed in, e.g.
+`layers.3.attention.v_proj`):
+
+    space "p.lora_A"  (dim d_in): rows = the layer's inputs x of the memory samples (every token);
+    space "p.lora_B"  (dim r):    rows = z = A x, the same inputs after the (current) down-projection.
+
+Both bases U (d_in x k_A) and V (r x k_B) are grown with the same energy rule as the prompt spaces
+(`projection.feature_basis_update`), and the gradients are projected on their last axis with the same
+`g <- g - g U U^T` as prompts: grad_A <- grad_A (I - U U^T), grad_B <- grad_B (I - V V^T).
+
+The guarantee. Let the old task's inputs x lie in span(U), and let every later change of A and B be
+projected (exactly so for SGD; for Adam-type optimizers with `project_update=True`):
+
+1. Every row of ΔA is orthogonal to span(U), so ΔA x = 0: the down-projection of old inputs does not
+   move, z = (A + ΔA) x = A x. In particular the product term ΔB ΔA x vanishes.
+2. Hence Δ(BA) x = (B + ΔB)(A + ΔA) x - B A x = ΔB A x = ΔB z.
+3. Every row of ΔB is orthogonal to span(V), so ΔB z = 0 exactly when z = A x lies in span(V).
+
+So Δy = s Δ(BA) x = 0 for x in span(U) with A x in span(V). Step 1 also keeps condition 3 true over
+the whole task sequence: V was built from z = A x at the end of the old task, and A x is frozen from
+then on for x in span(U). The approximation is only the energy threshold: U and V keep a share eps of
+the rows' energy, so the drift of an old input is bounded by its energy outside span(U) (through ΔA)
+and the energy of its z outside span(V) (through ΔB). Since z lives in only r dimensions and a task
+has many more token rows than r, V typically captures most of R^r after the first task; B then barely
+moves and later tasks learn through A in the null space of U (measured in benchmarks/bench_lora.py).
+
+The paper has no LoRA variant of its sample-space ("reference") memory, so `projection_space` must be
+`"feature"`.
+
+Saving: `save_peft_files(directory)` writes `adapter_config.json` + `adapter_model.safetensors` in the
+exact layout `peft.PeftModel.save_pretrained` uses, so `PeftModel.from_pretrained(base_model, directory)`
+loads the LoRA weights (merge and serve them anywhere peft runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from peft.utils.constants import CONFIG_NAME as PEFT_CONFIG_NAME
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME as PEFT_WEIGHTS_NAME
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..backbones import VisionBackbone
+from ..fileio import atomic_write_text
+
+ADAPTER_NAME = "default"
+# The prefix PeftModel puts in front of every key (PeftModel.base_model = LoraModel, LoraModel.model = ours).
+PEFT_KEY_PREFIX = "base_model.model."
+SPACE_A, SPACE_B = "lora_A", "lora_B"
+
+
+@dataclass
+class LoraPGPSettings:
+    """The LoRA fields of a LoRA-PGP adapter (defaults: InfLoRA's setting, Liang & Li, CVPR 2024).
+
+    r: LoRA rank (InfLoRA: 10).
+    lora_alpha: scaling numerator; the update is scaled by lora_alpha / r (InfLoRA has no scaling, i.e.
+        lora_alpha = r).
+    target_modules: names of the linears to adapt, matched as peft matches them (the last path
+        component). On transformers 5.x ViT: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `fc1`, `fc2`; on CLIP
+        only the vision tower's are adapted. InfLoRA adapts keys and values.
+    """
+
+    r: int = 10
+    lora_alpha: float = 10.0
+    target_modules: list[str] = field(default_factory=lambda: ["k_proj", "v_proj"])
+
+    def validate(self, owner: str = "LoraPGPConfig") -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"{owner}.r: must be a positive integer, got {self.r!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
+            raise ValueError(f"{owner}.lora_alpha: must be a number, got {self.lora_alpha!r}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"{owner}.lora_alpha: must be > 0, got {self.lora_alpha!r}")
+        targets = self.target_modules
+        if (
+            not isinstance(targets, (list, tuple))
+            or not targets
+            or not all(isinstance(name, str) and name for name in targets)
+        ):
+            raise ValueError(
+                f"{owner}.target_modules: a non-empty list of linear-layer names (e.g. ['k_proj', 'v_proj']), "
+                f"got {targets!r}"
+            )
+
+
+def lora_peft_config(
+    settings: LoraPGPSettings,
+    model: nn.Module,
+    base_model_name_or_path: str | None = None,
+    revision: str | None = None,
+) -> LoraConfig:
+    """The `peft.LoraConfig` for `model` (ViTModel, CLIPVisionModel or CLIPModel).
+
+    For a full CLIPModel the targets are restricted to the vision tower with a regular expression
+    (peft full-matches a string `target_modules` against module paths), so the text tower is untouched
+    both here and when peft itself loads the saved adapter.
+    """
+    targets: list[str] | str = sorted(set(settings.target_modules))
+    if hasattr(model, "text_model") and hasattr(model, "vision_model"):
+        names = "|".join(re.escape(name) for name in targets)
+        targets = rf"vision_model\..*\.({names})"
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.lora_alpha,
+        target_modules=targets,
+        lora_dropout=0.0,  # the frozen backbone runs in eval mode: dropout would never be active
+        bias="none",
+        init_lora_weights=True,  # A Kaiming-uniform, B = 0: the adapted model starts as the backbone
+        base_model_name_or_path=base_model_name_or_path,
+        revision=revision,
+    )
+
+
+class LoraPGPMethod(nn.Module):
+    """LoRA adapters injected by peft into the frozen backbone, with the PGP spaces of every adapted linear.
+
+    The LoRA parameters are owned by the peft layers inside `backbone.model`; this module keeps plain
+    (unregistered) references to them, so they appear once in a state dict, under the backbone's path.
+
+    Args:
+        settings: r, lora_alpha, target_modules.
+        backbone: the frozen `VisionBackbone`; LoRA is injected into `backbone.model` in place.
+        projection_space: must be "feature" (the reference sample-space memory has no LoRA variant).
+        base_model_name_or_path, revision: recorded in adapter_config.json for peft.
+    """
+
+    name: ClassVar[str] = "lora"
+    memory_timing: ClassVar[str] = "end"
+
+    def __init__(
+        self,
+        settings: LoraPGPSettings,
+        backbone: VisionBackbone,
+        projection_space: str = "feature",
+        base_model_name_or_path: str | None = None,
+        revision: str | None = None,
+    ) -> None:
+        super().__init__()
+        settings.validate()
+        if projection_space != "feature":
+            raise ValueError(
+                f"LoRA-PGP supports projection_space='feature' only, got {projection_space!r}: the paper's "
+                "sample-space ('reference') memory is defined for prompts, and the authors released no LoRA "
+                "reference to reproduce. Set projection_space='feature'."
+            )
+        self.settings = settings
+        model = backbone.model
+        if getattr(model, "peft_config", None):
+            raise ValueError(
+                "the backbone already carries peft adapters; pass a plain transformers model (LoRA-PGP "
+                "injects its own adapter)"
+            )
+        self.peft_config = lora_peft_config(settings, model, base_model_name_or_path, revision)
+        try:
+            inject_adapter_in_model(self.peft_config, model, adapter_name=ADAPTER_NAME)
+        except ValueError as error:
+            linear_names = sorted(
+                {
+                    path.rsplit(".", 1)[-1]
+                    for path, module in model.named_modules()
+                    if isinstance(module, nn.Linear)
+                }
+            )
+            raise ValueError(
+                f"LoraPGPConfig.target_modules={settings.target_modules!r}: peft could not adapt them ({error}). "
+                f"Linear layers of this {type(model).__name__}: {linear_names}"
+            ) from None
+        # Lists, so the backbone is not registered as a submodule of the method (no duplicate state).
+        self._backbone = [backbone]
+        self._model = [model]
+        self._layers: dict[str, LoraLayer] = {
+            path: module for path, module in model.named_modules() if isinstance(module, LoraLayer)
+        }
+        for layer in self._layers.values():
+            # The adapter trains in float32 whatever the backbone's dtype (peft casts x to A's dtype).
+            for parameter in (layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight):
+                parameter.data = parameter.data.float()
+                parameter.requires_grad_(True)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def layer_paths(self) -> list[str]:
+        """Paths of the adapted linears inside the backbone model, in module order."""
+        return list(self._layers)
+
+    def lora_weights(self, path: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """(A (r, d_in), B (d_out, r)) of the adapted linear at `path`."""
+        layer = self._layers[path]
+        return layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+
+    def scaling(self, path: str) -> float:
+        """s = lora_alpha / r of the adapted linear at `path`."""
+        return float(self._layers[path].scaling[ADAPTER_NAME])
+
+    def protected_spaces(self) -> dict[str, int]:
+        """ "<path>.lora_A" -> d_in and "<path>.lora_B" -> r for every adapted linear."""
+        spaces: dict[str, int] = {}
+        for path in self._layers:
+            a, _ = self.lora_weights(path)
+            spaces[f"{path}.{SPACE_A}"] = a.shape[1]
+            spaces[f"{path}.{SPACE_B}"] = a.shape[0]
+        return spaces
+
+    def protected_slices(self) -> list[tuple[nn.Parameter, tuple, list[str]]]:
+        """(lora_A.weight (r, d_in), (), [A space]) and (lora_B.weight (d_out, r), (), [B space]) per
+        adapted linear: the projection acts on the last axis, g <- g - g U Uᵀ."""
+        out: list[tuple[nn.Parameter, tuple, list[str]]] = []
+        for path in self._layers:
+            a, b = self.lora_weights(path)
+            out.append((a, (), [f"{path}.{SPACE_A}"]))
+            out.append((b, (), [f"{path}.{SPACE_B}"]))
+        return out
+
+    def card_info(self) -> dict[str, Any]:
+        """The model card's wording for this method."""
+        targets = ", ".join(f"`{name}`" for name in self.settings.target_modules)
+        return {
+            "name": "LoRA-PGP",
+            "description": (
+                f"peft LoRA adapters (r={self.settings.r}, alpha={self.settings.lora_alpha:g}) on {targets} of "
+                "the frozen vision transformer; between tasks the updates of A and B are projected onto the "
+                "null space of the old tasks' layer inputs and down-projected inputs"
+            ),
+            "tags": ["lora", "peft"],
+        }
+
+    # ------------------------------------------------------------------ forward
+    def features(self, pixel_values: torch.Tensor, task_id: int | None = None) -> torch.Tensor:
+        """pixel_values (B, C, H, W) -> the adapted backbone's CLS features (B, D) for the head."""
+        return self._backbone[0](pixel_values)[:, 0]
+
+    # ------------------------------------------------------------------ memory rows
+    @contextlib.contextmanager
+    def record_inputs(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Within the block, every forward pass stores each adapted linear's input x (..., d_in) by path."""
+        recorded: dict[str, torch.Tensor] = {}
+        handles = []
+        for path, layer in self._layers.items():
+
+            def hook(module, args, path=path):
+                recorded[path] = args[0].detach()
+
+            handles.append(layer.register_forward_pre_hook(hook))
+        try:
+            yield recorded
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def rows_from_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{path: x (..., d_in)} -> {"<path>.lora_A": x rows (n, d_in), "<path>.lora_B": z = A x rows (n, r)}."""
+        rows: dict[str, torch.Tensor] = {}
+        for path, x in inputs.items():
+            a, _ = self.lora_weights(path)
+            x = x.reshape(-1, a.shape[1]).to(a.dtype)
+            rows[f"{path}.{SPACE_A}"] = x
+            rows[f"{path}.{SPACE_B}"] = x @ a.detach().T
+        return rows
+
+    @torch.no_grad()
+    def memory_rows(self, pixel_values: torch.Tensor, task_id: int | None = None) -> dict[str, torch.Tensor]:
+        """Feature-mode rows of one batch of memory samples: every token's input to every adapted linear
+        (space "<path>.lora_A", (B·N, d_in)) and its down-projection z = A x ("<path>.lora_B", (B·N, r)).
+
+        Memory: the rows of one batch for every adapted linear are held at once (B·N·d_in floats per
+        linear; linears sharing an input share the tensor), so choose the memory batch size accordingly.
+        """
+        with self.record_inputs() as inputs:
+            self._backbone[0](pixel_values)
+        missing = [path for path in self._layers if path not in inputs]
+        if missing:
+            raise RuntimeError(f"adapted layers {missing} were not called by the backbone's forward pass")
+        return self.rows_from_inputs(inputs)
+
+    # ------------------------------------------------------------------ peft files
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights keyed as in a peft adapter file ("base_model.model.<path>.lora_A.weight")."""
+        state = get_peft_model_state_dict(self._model[0], adapter_name=ADAPTER_NAME)
+        return {PEFT_KEY_PREFIX + key: tensor.detach().contiguous().clone() for key, tensor in state.items()}
+
+    def save_peft_files(self, directory: str | os.PathLike) -> None:
+        """Write `adapter_config.json` + `adapter_model.safetensors` as `PeftModel.save_pretrained` does."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.lora_state_dict(), str(directory / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+        payload = self.peft_config.to_dict()
+        # peft writes target_modules sets as sorted lists; keep the JSON deterministic the same way.
+        if isinstance(payload.get("target_modules"), set):
+            payload["target_modules"] = sorted(payload["target_modules"])
+        payload["peft_type"] = str(self.peft_config.peft_type.value)
+        atomic_write_text(directory / PEFT_CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+    @torch.no_grad()
+    def load_peft_files(self, directory: str | os.PathLike) -> None:
+        """Strictly load `adapter_model.safetensors` from `directory` into the injected layers.
+
+        Missing, unexpected or mis-shaped tensors raise `ValueError` naming them (a peft loader would only
+        warn, leaving randomly initialised A matrices in place)."""
+        path = Path(directory) / PEFT_WEIGHTS_NAME
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{PEFT_WEIGHTS_NAME} not found in {directory}: not a LoRA-PGP adapter folder"
+            )
+        state = load_file(str(path))
+        expected = self.lora_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{path}: missing LoRA tensors {missing}, unexpected {unexpected}")
+        for key, tensor in state.items():
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise ValueError(
+                    f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, this adapter needs "
+                    f"{tuple(expected[key].shape)} (r={self.settings.r})"
+                )
+        for path_name in self._layers:
+            a, b = self.lora_weights(path_name)
+            a.copy_(state[f"{PEFT_KEY_PREFIX}{path_name}.lora_A.weight"])
+            b.copy_(state[f"{PEFT_KEY_PREFIX}{path_name}.lora_B.weight"])
