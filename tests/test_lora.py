@@ -13,7 +13,7 @@ from transformers import CLIPConfig, CLIPModel
 
 from pgp_peft.backbones import build_backbone
 from pgp_peft.methods.lora import LoraPGPMethod, LoraPGPSettings
-from pgp_peft.projection import GramAccumulator, NullSpaceMemory
+from pgp_peft.projection import GramAccumulator, NullSpaceMemory, project_update_
 
 
 def make_lora(tiny_vit, r: int = 4, targets=("q_proj", "v_proj"), seed: int = 0):
@@ -145,23 +145,31 @@ def test_lora_clip_adapts_the_vision_tower_only():
     assert rows["vision_model.encoder.layers.0.self_attn.q_proj.lora_B"].shape == (2 * 17, 2)
 
 
-def _train_new_task(method, backbone, memory: NullSpaceMemory | None, steps: int = 6) -> None:
-    """SGD on a new task's batch; with `memory`, every LoRA gradient is projected before the step."""
+def _train_new_task(
+    method, backbone, memory: NullSpaceMemory | None, steps: int = 6, adam: bool = False
+) -> None:
+    """SGD (or Adam with the update projected too) on a new task's batch; with `memory`, every LoRA
+    gradient is projected before the step."""
     generator = torch.Generator().manual_seed(7)
     images = torch.rand(8, 3, 16, 16, generator=generator)
     labels = torch.randint(0, 5, (8,), generator=generator)
     torch.manual_seed(3)
     head = torch.nn.Linear(32, 5)
     parameters = [p for p, _, _ in method.protected_slices()] + list(head.parameters())
-    optimizer = torch.optim.SGD(parameters, lr=0.5)
+    optimizer = torch.optim.Adam(parameters, lr=0.05) if adam else torch.optim.SGD(parameters, lr=0.5)
     for _ in range(steps):
         optimizer.zero_grad()
         loss = torch.nn.functional.cross_entropy(head(method.features(images)), labels)
         loss.backward()
+        before = None
         if memory is not None:
             for parameter, index, names in method.protected_slices():
                 memory.project_(parameter.grad[index], names[0])
+            before = [parameter.detach()[index].clone() for parameter, index, _ in method.protected_slices()]
         optimizer.step()
+        if adam and before is not None:
+            for (parameter, index, names), old in zip(method.protected_slices(), before):
+                project_update_(parameter.data[index], old, lambda d, n=names[0]: memory.project_(d, n))
 
 
 @torch.no_grad()
@@ -174,7 +182,8 @@ def _lora_deltas(method, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def test_lora_projection_keeps_old_outputs_per_layer(tiny_vit):
+@pytest.mark.parametrize("adam", [False, True], ids=["sgd", "adam+project_update"])
+def test_lora_projection_keeps_old_outputs_per_layer(tiny_vit, adam):
     """After a later task's SGD steps, Δ(BA)x ≈ 0 for old inputs x, in every adapted layer.
 
     One old image has 17 tokens < d_in = 32 and z = A x spans 17 < r = 24 dimensions, so at eps = 1 both
@@ -193,7 +202,7 @@ def test_lora_projection_keeps_old_outputs_per_layer(tiny_vit):
             old_features = method.features(old_image)
         before = _lora_deltas(method, inputs)
         weights_before = {p: [w.detach().clone() for w in method.lora_weights(p)] for p in method.layer_paths}
-        _train_new_task(method, backbone, memory if project else None)
+        _train_new_task(method, backbone, memory if project else None, adam=adam)
         after = _lora_deltas(method, inputs)
         change = {path: (after[path] - before[path]).norm() / before[path].norm() for path in before}
         feature_change = (method.features(old_image) - old_features).norm() / old_features.norm()
