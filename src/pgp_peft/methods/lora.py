@@ -102,22 +102,31 @@ class LoraPGPSettings:
             )
 
 
+def vision_tower_prefix(model: nn.Module, vision: nn.Module) -> str:
+    """The module path of the vision transformer `vision` inside `model` ("" when it is the model)."""
+    for path, module in model.named_modules():
+        if module is vision:
+            return path
+    raise ValueError(f"the vision tower is not a submodule of the {type(model).__name__} given")
+
+
 def lora_peft_config(
     settings: LoraPGPSettings,
-    model: nn.Module,
+    vision_prefix: str = "",
     base_model_name_or_path: str | None = None,
     revision: str | None = None,
 ) -> LoraConfig:
-    """The `peft.LoraConfig` for `model` (ViTModel, CLIPVisionModel or CLIPModel).
+    """The `peft.LoraConfig` of a LoRA-PGP adapter.
 
-    For a full CLIPModel the targets are restricted to the vision tower with a regular expression
-    (peft full-matches a string `target_modules` against module paths), so the text tower is untouched
-    both here and when peft itself loads the saved adapter.
+    When the vision transformer is a submodule (`vision_prefix`, e.g. "vision_model" of a full
+    CLIPModel), the targets are restricted to it with a regular expression (peft full-matches a string
+    `target_modules` against module paths), so the text tower is untouched both here and when peft itself
+    loads the saved adapter.
     """
     targets: list[str] | str = sorted(set(settings.target_modules))
-    if hasattr(model, "text_model") and hasattr(model, "vision_model"):
+    if vision_prefix:
         names = "|".join(re.escape(name) for name in targets)
-        targets = rf"vision_model\..*\.({names})"
+        targets = rf"{re.escape(vision_prefix)}\..*\.({names})"
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.lora_alpha,
@@ -169,7 +178,9 @@ class LoraPGPMethod(nn.Module):
                 "the backbone already carries peft adapters; pass a plain transformers model (LoRA-PGP "
                 "injects its own adapter)"
             )
-        self.peft_config = lora_peft_config(settings, model, base_model_name_or_path, revision)
+        self.peft_config = lora_peft_config(
+            settings, vision_tower_prefix(model, backbone.vision), base_model_name_or_path, revision
+        )
         try:
             inject_adapter_in_model(self.peft_config, model, adapter_name=ADAPTER_NAME)
         except ValueError as error:
