@@ -75,8 +75,8 @@ def test_card_without_results() -> None:
     assert data.tags == [
         "pgp_peft",
         "continual-learning",
-        "prompt-tuning",
         "image-classification",
+        "prompt-tuning",
         "l2p",
         "pgp",
     ]

@@ -17,12 +17,10 @@ def test_l2p_preset_has_paper_values():
     c = Config.l2p()
     assert c.method == "l2p"
     assert (c.pool_size, c.prompt_length, c.top_k) == (10, 5, 5)
-    assert c.tuning_type == "prompt"
     assert c.head_type == "prompt"
     assert c.pull_constraint_coeff == pytest.approx(0.1)
     assert c.prompt_init == "uniform" and c.key_init == "uniform"
     assert c.use_prompt_keys is True
-    assert c.query_source == "frozen_cls"
     # the batch-wise majority vote leaks task identity: off by default
     assert c.batchwise_prompt is False
     assert c.use_pgp is True
@@ -32,13 +30,11 @@ def test_l2p_preset_has_paper_values():
 def test_dualprompt_preset_has_paper_values():
     c = Config.dualprompt()
     assert c.method == "dualprompt"
-    assert c.tuning_type == "prefix"
     assert c.g_prompt_layers == [0, 1] and c.g_prompt_length == 5
     assert c.e_prompt_layers == [2, 3, 4] and c.e_prompt_length == 5
     assert c.pool_size == 10 and c.top_k == 1
     assert c.prompt_mask is True
     assert c.shared_pool_copy is True
-    assert c.head_type == "token"
     assert c.pull_constraint_coeff == pytest.approx(1.0)
     assert c.batchwise_prompt is False
     assert c.use_pgp is True
@@ -49,7 +45,6 @@ def test_clip_preset_has_paper_values():
     assert c.method == "clip"
     assert c.image_prompt_length == 10
     assert c.text_context_length == 16
-    assert c.tuning_type == "prompt"
     assert c.use_pgp is True
 
 
@@ -174,8 +169,9 @@ def test_bad_layer_lists_raise_naming_field(field, bad):
     ],
 )
 def test_non_positive_sizes_raise_naming_field(field, bad):
+    method = next(m for m in ("dualprompt", "l2p", "clip") if hasattr(getattr(Config, m)(), field))
     with pytest.raises(ValueError, match=_field_error(field)):
-        Config.dualprompt(**{field: bad})
+        getattr(Config, method)(**{field: bad})
 
 
 def test_zero_prefix_lengths_are_valid():
@@ -203,8 +199,6 @@ def test_thresholds_inside_unit_interval_are_valid(field, good):
         ("projection_space", "pixel"),
         ("head_type", "mean"),
         ("prompt_init", "xavier"),
-        ("tuning_type", "adapter"),
-        ("query_source", "prompted_cls"),
         ("preprocessing", "imagenet"),
     ],
 )
@@ -214,11 +208,36 @@ def test_unknown_choices_raise_naming_field(field, bad):
     assert repr(bad) in str(info.value)
 
 
-def test_method_and_tuning_type_must_match():
-    with pytest.raises(ValueError, match=_field_error("tuning_type")):
-        Config.dualprompt(tuning_type="prompt")
-    with pytest.raises(ValueError, match=_field_error("tuning_type")):
-        Config.l2p(tuning_type="prefix")
+@pytest.mark.parametrize(
+    "method, field, only_value, bad",
+    [
+        ("l2p", "tuning_type", "prompt", "prefix"),
+        ("dualprompt", "tuning_type", "prefix", "prompt"),
+        ("clip", "tuning_type", "prompt", "adapter"),
+        ("l2p", "query_source", "frozen_cls", "prompted_cls"),
+    ],
+)
+def test_removed_fixed_fields_load_from_old_files_only_with_their_only_value(method, field, only_value, bad):
+    """query_source and tuning_type were never a choice: 0.1.0 files holding their only value load (the
+    key is dropped); any other value names the field."""
+    payload = getattr(Config, method)().to_dict()
+    assert field not in payload
+    assert Config.from_dict({**payload, field: only_value}) == getattr(Config, method)()
+    with pytest.raises(ValueError, match=_field_error(field)) as info:
+        Config.from_dict({**payload, field: bad})
+    assert repr(bad) in str(info.value)
+
+
+def test_presets_and_construction_dispatch_on_method():
+    from pgp_peft.methods import available_methods, get_method
+
+    for method in available_methods():
+        preset = getattr(Config, method)()
+        assert type(preset) is get_method(method).config_cls and isinstance(preset, Config)
+        assert type(Config(method=method)) is type(preset)
+        assert Config.from_dict(preset.to_dict()) == preset
+    with pytest.raises(TypeError):
+        Config.l2p(g_prompt_layers=[0])  # another method's field
 
 
 def test_replace_revalidates():

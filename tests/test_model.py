@@ -62,7 +62,8 @@ def set_keys_to_queries(
 ) -> None:
     """Key slot i := query of sample i, so sample i selects slot i first (cosine 1)."""
     queries = model.backbone.query(pixel_values)
-    keys = model.prompt_pool.key if model.prompt_pool is not None else model.prefix_pool.e_key
+    method = model.method
+    keys = method.prompt_pool.key if hasattr(method, "prompt_pool") else method.prefix_pool.e_key
     with torch.no_grad():
         keys[: len(queries)] = queries
         if rest is not None:
@@ -203,7 +204,7 @@ def test_dualprompt_batch_equals_each_sample_alone(tiny_vit, pixel_values, impl)
             torch.testing.assert_close(alone.logits[0], batch.logits[i], atol=1e-5, rtol=0)
         # and the selected E-prompt matters: forcing sample 0 onto slot 1 changes its output
         with torch.no_grad():
-            model.prefix_pool.e_key[0] = -model.prefix_pool.e_key[0]
+            model.method.prefix_pool.e_key[0] = -model.method.prefix_pool.e_key[0]
         moved = model(pixel_values[:1])
         assert moved.prompt_ids.item() != 0
         assert (moved.logits[0] - batch.logits[0]).abs().max() > 1e-4
@@ -221,8 +222,8 @@ def test_l2p_gradient_reaches_only_selected_prompts_and_keys(tiny_vit, pixel_val
     selected = set(out.prompt_ids.flatten().tolist())
     assert selected == {0, 1}
     out.loss.backward()
-    prompt_rows = model.prompt_pool.prompt.grad.abs().sum(dim=(1, 2))
-    key_rows = model.prompt_pool.key.grad.abs().sum(dim=1)
+    prompt_rows = model.method.prompt_pool.prompt.grad.abs().sum(dim=(1, 2))
+    key_rows = model.method.prompt_pool.key.grad.abs().sum(dim=1)
     for slot in range(6):
         if slot in selected:
             assert prompt_rows[slot] > 0 and key_rows[slot] > 0
@@ -240,13 +241,13 @@ def test_dualprompt_prompt_mask_trains_only_the_task_slot(tiny_vit, pixel_values
     out = model(pixel_values, labels=torch.tensor([2, 3, 3, 2]), task_id=1)
     assert out.prompt_ids.flatten().tolist() == [1, 1, 1, 1]  # the task id picks the slot
     out.loss.backward()
-    e_grad = model.prefix_pool.e_prompt.grad  # (layers, 2, P, L, D)
+    e_grad = model.method.prefix_pool.e_prompt.grad  # (layers, 2, P, L, D)
     slot_grad = e_grad.abs().sum(dim=(0, 1, 3, 4))
     assert slot_grad[1] > 0
     assert slot_grad[[0, 2, 3]].sum() == 0
-    key_grad = model.prefix_pool.e_key.grad.abs().sum(dim=1)  # the pull term uses the forced key
+    key_grad = model.method.prefix_pool.e_key.grad.abs().sum(dim=1)  # the pull term uses the forced key
     assert key_grad[1] > 0 and key_grad[[0, 2, 3]].sum() == 0
-    assert model.prefix_pool.g_prompt.grad.abs().sum() > 0
+    assert model.method.prefix_pool.g_prompt.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.backbone.parameters())
 
 
@@ -269,12 +270,12 @@ def test_dualprompt_task_beyond_pool_selects_by_key(tiny_vit, pixel_values):
 
 def test_begin_task_copies_previous_e_prompt_slot(tiny_vit):
     model = dual_model(tiny_vit)
-    before = model.prefix_pool.e_prompt.detach().clone()
+    before = model.method.prefix_pool.e_prompt.detach().clone()
     model.begin_task(0)
-    assert torch.equal(model.prefix_pool.e_prompt, before)
+    assert torch.equal(model.method.prefix_pool.e_prompt, before)
     model.begin_task(2)
-    assert torch.equal(model.prefix_pool.e_prompt[:, :, 2], before[:, :, 1])
-    assert torch.equal(model.prefix_pool.e_prompt[:, :, [0, 1, 3]], before[:, :, [0, 1, 3]])
+    assert torch.equal(model.method.prefix_pool.e_prompt[:, :, 2], before[:, :, 1])
+    assert torch.equal(model.method.prefix_pool.e_prompt[:, :, [0, 1, 3]], before[:, :, [0, 1, 3]])
 
 
 # ----------------------------------------------------------------------------- 6. class mask
@@ -381,7 +382,7 @@ def test_failed_save_keeps_previous_save_and_leaves_no_temp_dirs(
 
     with torch.no_grad():
         model.head.weight.mul_(-1.0)
-        model.prompt_pool.prompt.add_(1.0)
+        model.method.prompt_pool.prompt.add_(1.0)
         new = model(pixel_values).logits
     assert not torch.equal(new, old)
 
@@ -508,12 +509,12 @@ def test_backbone_stays_in_eval_mode_and_frozen(tiny_vit, pixel_values):
     torch.manual_seed(0)
     model = PGPModel(Config.l2p(num_classes=6, pool_size=4, top_k=2, prompt_length=3), base_model=vit)
     model.train()
-    assert model.training and model.prompt_pool.training and model.head.training
+    assert model.training and model.method.prompt_pool.training and model.head.training
     assert not vit.training
     assert not any(module.training for module in model.backbone.model.modules())
     assert all(not p.requires_grad for p in model.backbone.parameters())
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"prompt_pool.prompt", "prompt_pool.key", "head.weight", "head.bias"}
+    assert trainable == {"method.prompt_pool.prompt", "method.prompt_pool.key", "head.weight", "head.bias"}
     # behaviour: with dropout 0.5, a backbone in training mode would make two passes differ
     with torch.no_grad():
         first, second = model(pixel_values).logits, model(pixel_values).logits

@@ -93,21 +93,21 @@ def test_no_projection_during_the_first_task(probed_dualprompt_run):
     # The probes do see the projection once the memory holds task 0's bases.
     for (_, ranks, before), (_, _, after) in later:
         assert any(ranks.values())
-        assert not torch.equal(before["prefix_pool.g_prompt"], after["prefix_pool.g_prompt"])
+        assert not torch.equal(before["method.prefix_pool.g_prompt"], after["method.prefix_pool.g_prompt"])
 
 
 def test_projected_step_changes_only_protected_slices(probed_dualprompt_run):
     model, raw, projected, bases = probed_dualprompt_run
     heads = model.backbone.num_heads
     layers = {
-        "prefix_pool.g_prompt": model.prefix_pool.g_layers,
-        "prefix_pool.e_prompt": model.prefix_pool.e_layers,
+        "method.prefix_pool.g_prompt": model.method.prefix_pool.g_layers,
+        "method.prefix_pool.e_prompt": model.method.prefix_pool.e_layers,
     }
     for (task, _, before), (_, _, after) in zip(raw, projected):
         if task != 1:
             continue
         # Not protected (as in the paper): value halves, E-prompt keys, the head.
-        for name in ("prefix_pool.e_key", "head.weight", "head.bias"):
+        for name in ("method.prefix_pool.e_key", "head.weight", "head.bias"):
             assert torch.equal(before[name], after[name]), name
         for name in layers:
             assert torch.equal(before[name][:, 1], after[name][:, 1]), f"value half of {name} changed"
@@ -282,12 +282,12 @@ def test_dualprompt_memory_skips_the_query_pass_but_records_the_same_queries():
     expected: dict[str, torch.Tensor] = {}
 
     def record(layer, query):
-        for head, name in enumerate(model.prefix_space_names(layer)):
+        for head, name in enumerate(model.method.prefix_space_names(layer)):
             rows = query[:, head].reshape(-1, query.shape[-1]).double()
             expected[name] = expected.get(name, 0) + rows.t() @ rows
 
-    with torch.no_grad():
-        model.forward_features(pixel_values, 1, query_recorder=record, use_task_slot=True)
+    with torch.no_grad(), model.backbone.recording(query_recorder=record):
+        model.forward_features(pixel_values, 1, use_task_slot=True)
     assert set(expected) == set(grams)
     for name, gram in expected.items():
         assert torch.allclose(grams[name], gram, rtol=1e-6, atol=1e-8), name

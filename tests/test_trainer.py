@@ -57,7 +57,7 @@ def assert_matrix_layout(values: np.ndarray, num_tasks: int) -> None:
 
 
 # ---------------------------------------------------------------------------------- full runs
-@pytest.mark.parametrize("method", ["l2p", "dualprompt"])
+@pytest.mark.parametrize("method", ["l2p", "dualprompt", "lora"])
 def test_full_continual_run(method, tmp_path):
     splits = tiny_cl.make_splits(num_tasks=3)
     model = tiny_cl.make_model(method, num_classes=6)
@@ -133,7 +133,7 @@ class TaskRecorder(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         task = self.trainer.current_task
         self.optimizers[task] = optimizer
-        self.slots_at_begin[task] = self.trainer.model.prefix_pool.e_prompt.detach().clone()
+        self.slots_at_begin[task] = self.trainer.model.method.prefix_pool.e_prompt.detach().clone()
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         task = self.trainer.current_task
@@ -145,7 +145,7 @@ class TaskRecorder(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         task = self.trainer.current_task
         self.epochs[task] = state.epoch
-        self.slots_at_end[task] = self.trainer.model.prefix_pool.e_prompt.detach().clone()
+        self.slots_at_end[task] = self.trainer.model.method.prefix_pool.e_prompt.detach().clone()
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +308,7 @@ def test_bf16_autocast_projects_float32_gradients(tmp_path):
     assert trainer.accelerator.mixed_precision == "bf16"
     assert head_dtypes == {torch.bfloat16}, "bf16 autocast was not active in training"
     assert {(p, g) for _, p, g in probe.seen} == {(torch.float32, torch.float32)}
-    assert {n for n, _, _ in probe.seen} >= {"prompt_pool.prompt", "prompt_pool.key"}
+    assert {n for n, _, _ in probe.seen} >= {"method.prompt_pool.prompt", "method.prompt_pool.key"}
     assert_matrix_layout(result.accuracy.values, 2)
     leak = tiny_cl.relative_leaks(model, snapshots.before[1], snapshots.after[1], snapshots.bases[1])
     print(f"bf16 relative leak: {leak}")

@@ -1,9 +1,9 @@
 """pgp_peft: Prompt Gradient Projection continual learning on the Hugging Face stack."""
 
-__version__ = "0.1.0"
-
-from .config import PromptGradientProjectionConfig  # noqa: E402
-from .model import PGPModel, PGPOutput, get_pgp_model  # noqa: E402
+from .config import PromptGradientProjectionConfig
+from .methods import available_methods, get_method, register_method
+from .model import PGPModel, PGPOutput, get_pgp_model
+from .version import __version__
 
 
 def __getattr__(name: str):
@@ -19,7 +19,6 @@ def __getattr__(name: str):
         "AccuracyMatrix": "metrics",
         "NullSpaceMemory": "projection",
         "update_memory": "memory",
-        "CLIPPGPModel": "clip",
     }
     if name in lazy:
         import importlib
@@ -42,5 +41,8 @@ __all__ = [
     "AccuracyMatrix",
     "NullSpaceMemory",
     "update_memory",
-    "CLIPPGPModel",
+    "available_methods",
+    "get_method",
+    "register_method",
+    "__version__",
 ]

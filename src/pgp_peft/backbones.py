@@ -15,8 +15,26 @@ Two mechanisms, both leaving the user's model untouched except where the adapter
   can record the queries PGP protects. The matching mask functions are registered too, otherwise
   transformers silently drops padding masks for an unknown implementation name.
 
-A `VisionBackbone` wraps one supported model (ViTModel, CLIPVisionModel, the vision tower of
-CLIPModel) behind one interface, so prompt code never branches on the model class.
+A `VisionBackbone` wraps one supported model behind one interface, so method code never branches on
+the model class. What differs between model families is data, in `BACKBONE_FAMILIES`: where the layers
+and their attention modules are, how many special tokens precede the patches, which position embedding
+prompt tokens share, whether a final LayerNorm is still to be applied, and how the image is pooled:
+
+    family    classes                      special tokens        prompt position    final norm        pooled
+    vit       ViTModel                     CLS                   CLS slot's         (applied)         CLS
+    deit      DeiTModel                    CLS, distillation     CLS slot's         (applied)         CLS
+    dinov2    Dinov2Model                  CLS                   CLS slot's         (applied)         CLS
+    clip      CLIPModel, CLIPVisionModel   CLS                   none (reference)   post_layernorm    CLS
+    siglip    SiglipVisionModel            none                  none               (applied)         patch mean
+
+DeiT: prompts go after both special tokens, `[CLS, DIST, prompts, patches]`, so neither token moves;
+the features are the CLS output and the distillation token is left to the backbone (no distillation
+head: `DeiTModel`, not `DeiTForImageClassificationWithTeacher`). SigLIP has no CLS token: prompts go
+first, `[prompts, patches]`, and the query and the token features are the mean of the patch outputs
+(prompts excluded), the same rule for the frozen query and for the prompted features; SigLIP's own
+attention-pooling head is not used (it would attend over the prompts too).
+
+`load_backbone` loads a supported checkpoint by name (Hub id, local folder or a built-in name).
 """
 
 from __future__ import annotations
@@ -24,16 +42,25 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, CLIPModel, CLIPVisionModel, ViTModel
+from transformers import (
+    AttentionInterface,
+    CLIPModel,
+    CLIPVisionModel,
+    DeiTModel,
+    Dinov2Model,
+    SiglipVisionModel,
+    ViTModel,
+)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 PREFIX_KWARG = "pgp_prefixes"
 QUERY_RECORDER_KWARG = "pgp_query_recorder"
-SUPPORTED_MODELS = (ViTModel, CLIPVisionModel, CLIPModel)
 
 QueryRecorder = Callable[[int, torch.Tensor], None]
 Prefixes = dict[int, tuple[torch.Tensor, torch.Tensor]]
@@ -107,6 +134,124 @@ for _name, (_, _fn, _mask) in PGP_ATTENTION.items():
     AttentionMaskInterface.register(_name, _mask)
 
 
+# ----------------------------------------------------------------------------- families
+@dataclass(frozen=True)
+class BackboneFamily:
+    """What differs between supported model families (see the module docstring's table).
+
+    vision_tower: attribute holding the vision transformer ("" = the model itself).
+    layers: path from the vision tower to its list of transformer layers.
+    attention: attribute of a layer holding its attention module (the one calling the attention function).
+    patch_embeddings: path from the vision tower to the module embedding the patches.
+    num_special_tokens: tokens before the patches (CLS, DeiT's distillation token); 0 = no CLS.
+    prompt_position_embedding: path to the (1, N, D) position embedding whose CLS row prompt tokens
+        share, or None (prompt tokens get no position embedding).
+    final_norm: LayerNorm the model applies only to its pooled token, to be applied to every token
+        here (CLIP's `post_layernorm`); None when `last_hidden_state` is already normalised.
+    has_text_tower: the model also has a text tower (CLIPModel).
+    """
+
+    name: str
+    model_classes: tuple[type[nn.Module], ...]
+    vision_tower: str
+    layers: str
+    attention: str
+    patch_embeddings: str
+    num_special_tokens: int
+    prompt_position_embedding: str | None
+    final_norm: str | None
+    has_text_tower: bool = False
+
+
+BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
+    BackboneFamily(
+        name="vit",
+        model_classes=(ViTModel,),
+        vision_tower="",
+        layers="layers",
+        attention="attention",
+        patch_embeddings="embeddings.patch_embeddings",
+        num_special_tokens=1,
+        prompt_position_embedding="embeddings.position_embeddings",
+        final_norm=None,
+    ),
+    BackboneFamily(
+        name="deit",
+        model_classes=(DeiTModel,),
+        vision_tower="",
+        layers="layers",
+        attention="attention",
+        patch_embeddings="embeddings.patch_embeddings",
+        num_special_tokens=2,
+        prompt_position_embedding="embeddings.position_embeddings",
+        final_norm=None,
+    ),
+    BackboneFamily(
+        name="dinov2",
+        model_classes=(Dinov2Model,),
+        vision_tower="",
+        layers="encoder.layer",
+        attention="attention",
+        patch_embeddings="embeddings.patch_embeddings",
+        num_special_tokens=1,
+        prompt_position_embedding="embeddings.position_embeddings",
+        final_norm=None,
+    ),
+    BackboneFamily(
+        name="clip",
+        model_classes=(CLIPModel,),
+        vision_tower="vision_model",
+        layers="encoder.layers",
+        attention="self_attn",
+        patch_embeddings="embeddings.patch_embedding",
+        num_special_tokens=1,
+        prompt_position_embedding=None,
+        final_norm="post_layernorm",
+        has_text_tower=True,
+    ),
+    BackboneFamily(
+        name="clip_vision",
+        model_classes=(CLIPVisionModel,),
+        vision_tower="",
+        layers="encoder.layers",
+        attention="self_attn",
+        patch_embeddings="embeddings.patch_embedding",
+        num_special_tokens=1,
+        prompt_position_embedding=None,
+        final_norm="post_layernorm",
+    ),
+    BackboneFamily(
+        name="siglip",
+        model_classes=(SiglipVisionModel,),
+        vision_tower="",
+        layers="encoder.layers",
+        attention="self_attn",
+        patch_embeddings="embeddings.patch_embedding",
+        num_special_tokens=0,
+        prompt_position_embedding=None,
+        final_norm=None,
+    ),
+)
+
+
+def backbone_family(model: nn.Module) -> BackboneFamily:
+    """The family of a supported model; a `TypeError` naming the supported classes otherwise."""
+    for family in BACKBONE_FAMILIES:
+        if type(model) in family.model_classes:
+            return family
+    for family in BACKBONE_FAMILIES:  # subclasses of a supported class
+        if isinstance(model, family.model_classes):
+            return family
+    names = ", ".join(cls.__name__ for family in BACKBONE_FAMILIES for cls in family.model_classes)
+    raise TypeError(f"pgp_peft supports {names}; got {type(model).__name__}")
+
+
+def _get(module: Any, path: str) -> Any:
+    for name in filter(None, path.split(".")):
+        module = getattr(module, name)
+    return module
+
+
 # ----------------------------------------------------------------------------- the backbone wrapper
 @dataclass
 class _PromptedPass:
@@ -114,36 +259,35 @@ class _PromptedPass:
     token_recorder: Callable[[torch.Tensor], None] | None = None
 
 
+@dataclass
+class _Recorders:
+    query_recorder: QueryRecorder | None = None
+    token_recorder: Callable[[torch.Tensor], None] | None = None
+
+
 class VisionBackbone(nn.Module):
     """A frozen HF vision transformer with hooks for prompts, prefixes and representation recording.
 
-    Attributes: hidden_size (D), num_layers, num_heads, image_size. `forward` returns the final
-    token states (B, N, D) after the final LayerNorm, N = 1 + #prompt tokens + #patches.
+    Attributes: family (`BackboneFamily`), model (the user's model), vision (its vision transformer),
+    hidden_size (D), num_layers, num_heads, image_size, num_special_tokens. `forward` returns the final
+    token states (B, N, D) after the final LayerNorm, N = #special tokens + #prompt tokens + #patches.
     """
 
     def __init__(self, model: nn.Module, attn_implementation: str | None = None) -> None:
         super().__init__()
-        if not isinstance(model, SUPPORTED_MODELS):
-            names = ", ".join(cls.__name__ for cls in SUPPORTED_MODELS)
-            raise TypeError(f"pgp_peft supports {names}; got {type(model).__name__}")
+        self.family = backbone_family(model)
         self.model = model
-        self.is_clip = isinstance(model, (CLIPVisionModel, CLIPModel))
-        vision = model.vision_model if isinstance(model, CLIPModel) else model
+        vision = _get(model, self.family.vision_tower)
         self.vision = vision
         config = vision.config
         self.hidden_size = config.hidden_size
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
         self.image_size = config.image_size
-        if self.is_clip:
-            self.embeddings = vision.embeddings
-            layers = vision.encoder.layers
-            attentions = [layer.self_attn for layer in layers]
-        else:
-            self.embeddings = vision.embeddings
-            attentions = [layer.attention for layer in vision.layers]
-        for index, attention in enumerate(attentions):
-            attention.pgp_layer_index = index
+        self.num_special_tokens = self.family.num_special_tokens
+        self.embeddings = vision.embeddings
+        for index, layer in enumerate(_get(vision, self.family.layers)):
+            getattr(layer, self.family.attention).pgp_layer_index = index
 
         current = config._attn_implementation or "sdpa"
         if attn_implementation is None:
@@ -159,6 +303,7 @@ class VisionBackbone(nn.Module):
         self.model.requires_grad_(False)
         self.model.eval()
         self._pass: _PromptedPass | None = None
+        self._recorders = _Recorders()
         self._hook = self.embeddings.register_forward_hook(self._embeddings_hook)
 
     # The backbone stays in eval mode (frozen, no dropout) whatever mode the wrapper is put in.
@@ -167,11 +312,12 @@ class VisionBackbone(nn.Module):
         self.model.eval()
         return self
 
-    def cls_position_embedding(self) -> torch.Tensor:
-        """(D,) the position embedding of the CLS slot, which prompt tokens share."""
-        if self.is_clip:
-            return self.embeddings.position_embedding.weight[0]
-        return self.embeddings.position_embeddings[0, 0]
+    def cls_position_embedding(self) -> torch.Tensor | None:
+        """(D,) the position embedding prompt tokens share (the CLS slot's), or None for families
+        whose prompts get none."""
+        if self.family.prompt_position_embedding is None:
+            return None
+        return _get(self.vision, self.family.prompt_position_embedding)[0, 0]
 
     def _embeddings_hook(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         state = self._pass
@@ -182,9 +328,11 @@ class VisionBackbone(nn.Module):
         if state.prompt_tokens is None:
             return output
         prompts = state.prompt_tokens.to(output.dtype)
-        if not self.is_clip:
-            prompts = prompts + self.cls_position_embedding().to(output.dtype)
-        return torch.cat([output[:, :1], prompts, output[:, 1:]], dim=1)
+        position = self.cls_position_embedding()
+        if position is not None:
+            prompts = prompts + position.to(output.dtype)
+        start = self.num_special_tokens
+        return torch.cat([output[:, :start], prompts, output[:, start:]], dim=1)
 
     @contextlib.contextmanager
     def _prompted(self, state: _PromptedPass) -> Iterator[None]:
@@ -193,6 +341,22 @@ class VisionBackbone(nn.Module):
             yield
         finally:
             self._pass = previous
+
+    @contextlib.contextmanager
+    def recording(
+        self,
+        *,
+        query_recorder: QueryRecorder | None = None,
+        token_recorder: Callable[[torch.Tensor], None] | None = None,
+    ) -> Iterator[None]:
+        """Record every prompted pass inside the block (not `query`'s frozen pass): `query_recorder(layer,
+        queries (B, H, N, d))` per attention layer, `token_recorder(tokens (B, N, D))` for the embeddings
+        output before prompts join it. Lets memory code record a method's own forward."""
+        previous, self._recorders = self._recorders, _Recorders(query_recorder, token_recorder)
+        try:
+            yield
+        finally:
+            self._recorders = previous
 
     def forward(
         self,
@@ -204,9 +368,11 @@ class VisionBackbone(nn.Module):
         token_recorder: Callable[[torch.Tensor], None] | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """pixel_values (B, C, H, W); prompt_tokens (B, Lp, D) inserted after CLS; prefixes
+        """pixel_values (B, C, H, W); prompt_tokens (B, Lp, D) inserted after the special tokens; prefixes
         {layer: (key (B, L, D), value (B, L, D))}. Returns token states (B, N, D) after the final
         LayerNorm (CLIP: `post_layernorm`, which CLIP applies to the pooled token, applied to all)."""
+        query_recorder = query_recorder or self._recorders.query_recorder
+        token_recorder = token_recorder or self._recorders.token_recorder
         kwargs = {}
         if prefixes:
             kwargs[PREFIX_KWARG] = prefixes
@@ -218,20 +384,30 @@ class VisionBackbone(nn.Module):
         with self._prompted(state):
             outputs = self.vision(pixel_values=pixel_values, **kwargs)
         hidden = outputs.last_hidden_state
-        if self.is_clip:
-            hidden = self.vision.post_layernorm(hidden)
+        if self.family.final_norm is not None:
+            hidden = getattr(self.vision, self.family.final_norm)(hidden)
         return hidden
+
+    def pool(self, hidden: torch.Tensor, num_prompt_tokens: int = 0) -> torch.Tensor:
+        """(B, N, D) token states -> (B, D): the CLS output, or without a CLS token (SigLIP) the mean of
+        the patch outputs (the `num_prompt_tokens` prompt outputs, which come first, excluded)."""
+        if self.num_special_tokens > 0:
+            return hidden[:, 0]
+        return hidden[:, num_prompt_tokens:].mean(dim=1)
 
     @torch.no_grad()
     def query(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The frozen CLS feature without prompts (B, D): the query for key-query selection."""
-        return self.forward(pixel_values)[:, 0]
+        """The frozen pooled feature without prompts (B, D): the query for key-query selection."""
+        with self.recording():
+            return self.pool(self.forward(pixel_values))
 
-    def project_image_features(self, cls_states: torch.Tensor) -> torch.Tensor:
-        """CLIP only: (B, D) post-LayerNorm CLS states -> (B, projection_dim) image embeddings."""
-        if not isinstance(self.model, CLIPModel):
-            raise TypeError("image projection needs a full CLIPModel (with visual_projection)")
-        return self.model.visual_projection(cls_states)
+    @torch.no_grad()
+    def patch_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, num_patches, D) patch embeddings (no special tokens, no position embeddings)."""
+        patches = _get(self.vision, self.family.patch_embeddings)(pixel_values)
+        if patches.dim() == 4:  # a Conv2d patch embedding: (B, D, h, w)
+            patches = patches.flatten(2).transpose(1, 2)
+        return patches
 
 
 def build_backbone(model: nn.Module, attn_implementation: str | None = None) -> VisionBackbone:
@@ -239,3 +415,77 @@ def build_backbone(model: nn.Module, attn_implementation: str | None = None) -> 
     if isinstance(model, VisionBackbone):
         return model
     return VisionBackbone(model, attn_implementation=attn_implementation)
+
+
+def backbone_config_signature(model: nn.Module) -> dict[str, int] | None:
+    """The shape facts an adapter depends on, read from a HF model's (vision) config."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "vision_config", config)
+    if config is None or not hasattr(config, "hidden_size"):
+        return None
+    return {
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+    }
+
+
+# ----------------------------------------------------------------------------- loading by name
+BUILTIN_PREFIX = "pgp_peft:"
+BUILTIN_MODELS = ("vit-tiny-patch4-32-cifar10",)
+
+
+def resolve_builtin(name: str | None) -> str | None:
+    """`pgp_peft:vit-tiny-patch4-32-cifar10` -> the backbone folder shipped inside the package."""
+    if name and name.startswith(BUILTIN_PREFIX):
+        key = name[len(BUILTIN_PREFIX) :]
+        if key not in BUILTIN_MODELS:
+            raise ValueError(
+                f"unknown built-in model {name!r}; available: {[BUILTIN_PREFIX + m for m in BUILTIN_MODELS]}"
+            )
+        return str(Path(__file__).resolve().parent / "demo_data" / key)
+    return name
+
+
+# config.model_type -> (model class, extra from_pretrained arguments). ViT and DeiT without their pooler.
+LOADABLE_MODEL_TYPES: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    "vit": (ViTModel, {"add_pooling_layer": False}),
+    "deit": (DeiTModel, {"add_pooling_layer": False}),
+    "dinov2": (Dinov2Model, {}),
+    "clip": (CLIPModel, {}),
+    "siglip_vision_model": (SiglipVisionModel, {}),
+}
+
+
+def load_backbone(
+    name: str | None, revision: str | None = None, config_overrides: dict[str, Any] | None = None
+) -> nn.Module:
+    """Load a frozen-backbone candidate (`LOADABLE_MODEL_TYPES`) from a Hub id, a local folder or a
+    built-in name, with `config_overrides` (e.g. layer_norm_eps) applied to its config."""
+    name = resolve_builtin(name)
+    if not name:
+        raise ValueError(
+            "no base model given: pass base_model=... or set config.base_model_name_or_path "
+            "(e.g. 'google/vit-base-patch16-224-in21k')"
+        )
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision, **(config_overrides or {}))
+        if config.model_type in LOADABLE_MODEL_TYPES:
+            model_class, extra = LOADABLE_MODEL_TYPES[config.model_type]
+            return model_class.from_pretrained(name, revision=revision, config=config, **extra)
+    except OSError as error:
+        raise OSError(
+            f"could not load the base model {name!r} at revision {revision!r}: {error}\n"
+            "If you are offline, load the backbone yourself and pass it: "
+            "PGPModel.from_pretrained(repo, base_model=ViTModel.from_pretrained(local_dir))"
+        ) from error
+    raise TypeError(
+        f"base model {name!r} is a {config.model_type!r} model; pgp_peft loads {sorted(LOADABLE_MODEL_TYPES)}"
+    )
+
+
+def load_base_model(config) -> nn.Module:
+    """The backbone recorded in an adapter config: base_model_name_or_path @ revision (+ base_model_kwargs)."""
+    return load_backbone(config.base_model_name_or_path, config.revision, config.base_model_kwargs)

@@ -12,18 +12,27 @@ from __future__ import annotations
 
 import json
 import math
-import re
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from .methods import available_methods, get_method
 
 __all__ = [
+    "LIBRARY_NAME",
+    "LIBRARY_TAGS",
     "PAPER_CITATION",
+    "RUN_FILES",
     "TEMPLATE_NAME",
     "build_model_card",
+    "card_kwargs_from_results",
+    "card_kwargs_from_run",
     "canonical_template_path",
     "packaged_template_path",
     "template_path",
@@ -39,34 +48,13 @@ PAPER_CITATION = """@inproceedings{qiao2024prompt,
   year={2024}
 }"""
 
-_METHOD_NAMES: dict[str, str] = {"l2p": "L2P", "dualprompt": "DualPrompt", "clip": "CLIP"}
-_BASE_TAGS: tuple[str, ...] = ("pgp_peft", "continual-learning", "prompt-tuning", "image-classification")
-_CONTENTS: dict[str, str] = {
-    "l2p": "the prompt pool, its keys and the classification head",
-    "dualprompt": "the G-prompt, the E-prompt pool, its keys and the classification head",
-    "clip": "the shared image prompt and the per-task text contexts",
-}
-# Adapter settings shown in the card, per method (only the keys present in the config are shown).
+# The library's Hub identity: `library_name` in every adapter's config.json and card, and the tags
+# every card has (the method adds its own, see `MethodCard.tags`).
+LIBRARY_TAGS: tuple[str, ...] = (LIBRARY_NAME, "continual-learning", "image-classification")
+# Files of a training run's folder that go to the Hub with the adapter (plots are embedded in the card).
+RUN_FILES = ("results.json", "accuracy_matrix.png", "accuracy_curves.png")
 _COMMON_SETTINGS: tuple[str, ...] = ("method", "base_model_name_or_path", "revision", "num_classes")
-_METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
-    "l2p": ("pool_size", "prompt_length", "top_k", "tuning_type", "head_type", "pull_constraint_coeff"),
-    "dualprompt": (
-        "g_prompt_layers",
-        "g_prompt_length",
-        "e_prompt_layers",
-        "e_prompt_length",
-        "pool_size",
-        "top_k",
-        "tuning_type",
-        "head_type",
-        "pull_constraint_coeff",
-        "prompt_mask",
-    ),
-    "clip": ("image_prompt_length", "text_context_length", "text_template"),
-}
 _PGP_SETTINGS: tuple[str, ...] = ("projection_space", "prompt_threshold", "key_threshold", "memory_samples")
-# Hub repo id ("name" or "namespace/name"); anything else (a local path) is not a valid `base_model`.
-_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def canonical_template_path() -> Path:
@@ -132,13 +120,14 @@ def build_model_card(
         ValueError: unknown method or prompt selection, or malformed results.
     """
     method = str(config.get("method", "")).lower()
-    if method not in _METHOD_NAMES:
+    if method not in available_methods():
         raise ValueError(
-            f"config['method'] must be one of {sorted(_METHOD_NAMES)}, got {config.get('method')!r}"
+            f"config['method'] must be one of {available_methods()}, got {config.get('method')!r}"
         )
+    card = get_method(method).method_cls.card
     use_pgp = bool(config.get("use_pgp", False))
     selection = _prompt_selection(config)
-    method_label = _METHOD_NAMES[method] + ("-PGP" if use_pgp else "")
+    method_label = card.name + ("-PGP" if use_pgp else "")
     names = list(class_names) if class_names is not None else config.get("class_names")
     base_model = config.get("base_model_name_or_path")
     # Only a Hub id may go into the metadata: a local folder would link a dataset that does not exist.
@@ -148,7 +137,7 @@ def build_model_card(
 
     card_data = ModelCardData(
         library_name=LIBRARY_NAME,
-        tags=[*_BASE_TAGS, method, *(["pgp"] if use_pgp else [])],
+        tags=[*LIBRARY_TAGS, *card.tags, method, *(["pgp"] if use_pgp else [])],
         base_model=base_model if _is_hub_repo_id(base_model) else None,
         datasets=[hub_dataset] if hub_dataset else None,
         pipeline_tag="image-classification",
@@ -160,8 +149,8 @@ def build_model_card(
     template_kwargs: dict[str, Any] = {
         "title": repo_id.split("/")[-1] if repo_id else f"{method_label} adapter",
         "method_name": method_label,
-        "pgp_sentence": _pgp_sentence(method, use_pgp, config.get("projection_space")),
-        "contents": _CONTENTS[method] + (", and the PGP projection bases" if use_pgp else ""),
+        "pgp_sentence": _pgp_sentence(card.name, use_pgp, config.get("projection_space")),
+        "contents": card.contents + (", and the PGP projection bases" if use_pgp else ""),
         "backbone": _backbone_text(base_model, config.get("revision")),
         "backbone_plain": _backbone_plain(base_model, config.get("revision")),
         "has_results": summary is not None,
@@ -169,10 +158,12 @@ def build_model_card(
         "summary_rows": summary.rows() if summary is not None else [],
         "matrix_table": summary.matrix_table() if summary is not None else "",
         "plots": [str(name) for name in plot_filenames],
-        "config_yaml": _to_yaml(_key_settings(config, method, use_pgp, selection)),
+        "config_yaml": _to_yaml(
+            _key_settings(config, card.settings, use_pgp, selection, card.selection_text)
+        ),
         "recipe_yaml": _to_yaml(recipe) if recipe else "",
         "repo_id": repo_id or "path/to/adapter-or-repo-id",
-        "prompt_selection_text": _prompt_selection_text(method, selection),
+        "prompt_selection_text": card.selection_text or _prompt_selection_text(selection),
         "class_order_text": _class_order_text(summary.class_order if summary is not None else None, names),
         "provenance_text": _provenance_text(summary is not None, config.get("pgp_peft_version")),
         "citation": PAPER_CITATION,
@@ -285,8 +276,13 @@ def _optional_float(value: Any) -> float | None:
 
 
 def _is_hub_repo_id(name: Any) -> bool:
-    """Whether ``name`` looks like a Hub model id rather than a local path."""
-    if not isinstance(name, str) or not _HUB_REPO_ID.fullmatch(name) or ".." in name:
+    """Whether ``name`` is a valid Hub repo id (``huggingface_hub.utils.validate_repo_id``) and not an
+    existing local path."""
+    if not isinstance(name, str):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
         return False
     return not Path(name).expanduser().exists()
 
@@ -300,10 +296,10 @@ def _prompt_selection(config: Mapping[str, Any]) -> str:
     return str(selection)
 
 
-def _pgp_sentence(method: str, use_pgp: bool, projection_space: Any) -> str:
+def _pgp_sentence(method_name: str, use_pgp: bool, projection_space: Any) -> str:
     if not use_pgp:
         return (
-            f"Prompt Gradient Projection is **off**: this is the plain {_METHOD_NAMES[method]} baseline, "
+            f"Prompt Gradient Projection is **off**: this is the plain {method_name} baseline, "
             "trained with the same code."
         )
     space = f" (projection space: `{projection_space}`)" if projection_space else ""
@@ -334,11 +330,17 @@ def _backbone_plain(base_model: Any, revision: Any) -> str:
     return f"{base_model}@{revision}" if revision else str(base_model)
 
 
-def _key_settings(config: Mapping[str, Any], method: str, use_pgp: bool, selection: str) -> dict[str, Any]:
-    keys = [*_COMMON_SETTINGS, *_METHOD_SETTINGS[method], "use_pgp", *(_PGP_SETTINGS if use_pgp else ())]
+def _key_settings(
+    config: Mapping[str, Any],
+    method_settings: Sequence[str],
+    use_pgp: bool,
+    selection: str,
+    selection_text: str | None,
+) -> dict[str, Any]:
+    keys = [*_COMMON_SETTINGS, *method_settings, "use_pgp", *(_PGP_SETTINGS if use_pgp else ())]
     settings = {key: config[key] for key in keys if key in config}
     settings["use_pgp"] = use_pgp
-    if method != "clip":
+    if selection_text is None:  # the method selects prompts by key
         settings["prompt_selection"] = selection
     return settings
 
@@ -366,9 +368,7 @@ def _to_yaml(data: Mapping[str, Any] | None) -> str:
     return text.rstrip("\n")
 
 
-def _prompt_selection_text(method: str, selection: str) -> str:
-    if method == "clip":
-        return "not applicable: CLIP uses one image prompt shared by all tasks (no prompt pool)."
+def _prompt_selection_text(selection: str) -> str:
     if selection == "instance":
         return (
             "instance-wise: every image selects its own prompts by key-query matching, so a prediction "
@@ -408,3 +408,37 @@ def _provenance_text(has_results: bool, version: Any) -> str:
         "above), not copied from the paper, whose settings (backbone, pretraining, splits) may differ."
         + trained_with
     )
+
+
+# ----------------------------------------------------------------------------- card inputs from a run
+def card_kwargs_from_results(payload: dict[str, Any]) -> dict[str, Any]:
+    """Model-card arguments (see `build_model_card`) from a run's results.json payload."""
+    summary = payload.get("summary", {})
+    manifest = payload.get("manifest", {})
+    results = {
+        "accuracy_matrix": payload.get("accuracy_matrix", {}).get("values"),
+        "average_accuracy": summary.get("average_accuracy"),
+        "forgetting_paper": summary.get("forgetting_paper"),
+        "forgetting_reference": summary.get("forgetting_reference"),
+        "bwt": summary.get("backward_transfer"),
+        "num_tasks": manifest.get("num_tasks", summary.get("num_tasks")),
+        "task_il_average_accuracy": summary.get("task_il", {}).get("average_accuracy"),
+        "class_order": manifest.get("class_order"),
+        "setting": payload.get("setting", "class-IL"),
+    }
+    return {
+        "results": results,
+        "recipe": payload.get("recipe"),
+        "class_names": manifest.get("class_names"),
+        "dataset_id": manifest.get("dataset"),
+        "plot_filenames": [name for name in RUN_FILES if name.endswith(".png")],
+    }
+
+
+def card_kwargs_from_run(output_dir: str | os.PathLike) -> dict[str, Any]:
+    """Model-card arguments from a training run's folder (its results.json), or {} without one."""
+    path = Path(output_dir) / "results.json"
+    if not path.exists():
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return card_kwargs_from_results(json.load(handle))

@@ -1,71 +1,116 @@
-"""`PromptGradientProjectionConfig`: everything that defines a PGP adapter, validated and JSON-serialisable.
+"""`PromptGradientProjectionConfig`: the shared base of every PGP adapter configuration.
+
+The base holds what every method has: the frozen backbone, the classes and tasks, and the gradient
+projection. Each method (`pgp_peft.methods.<name>`) subclasses it with its own fields and the paper's
+defaults, and registers the subclass with `pgp_peft.methods.register_method`. The base stays the
+public entry point:
+
+* `PromptGradientProjectionConfig.l2p(...)`, `.dualprompt(...)`, `.clip(...)` return the method's
+  config with the paper's values (override any field with keyword arguments);
+* `PromptGradientProjectionConfig(method="dualprompt", ...)` builds the registered subclass;
+* `from_dict` / `from_pretrained` dispatch on the `"method"` key, so config.json files written by
+  pgp_peft 0.1.0 (one flat class with every method's fields) load unchanged: keys of fields a method no
+  longer has are dropped (see `legacy_fields`).
 
 Field names follow PEFT where they mean the same thing (`base_model_name_or_path`, `revision`,
-`inference_mode`). Presets `l2p()`, `dualprompt()` and `clip()` return the paper's values
-(RECIPES.md); override any field with keyword arguments.
+`inference_mode`). This module imports no method: the registry fills `_CONFIG_CLASSES`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .fileio import atomic_write_text
 
-METHODS = ("l2p", "dualprompt", "clip")
+logger = logging.getLogger(__name__)
+
 PROJECTION_SPACES = ("feature", "reference")
-HEAD_TYPES = ("prompt", "token")
+PREPROCESSING_MODES = ("reference", "processor")
 PROMPT_INITS = ("uniform", "zero", "normal")
-QUERY_SOURCES = ("frozen_cls",)
-TUNING_TYPES = ("prompt", "prefix")
 
 CONFIG_NAME = "config.json"
 # Keys PGPModel.save_pretrained adds to config.json next to the config fields (not config fields).
 ADAPTER_METADATA_KEYS = {"library_name", "pgp_peft_version", "backbone"}
+# Fields of 0.1.0 that were never a choice: accepted in old files when they hold their only value.
+REMOVED_FIXED_FIELDS = ("query_source", "tuning_type")
+
+# method name -> config class, filled by `pgp_peft.methods.register_method`.
+_CONFIG_CLASSES: dict[str, type[PromptGradientProjectionConfig]] = {}
+
+
+def register_config_class(name: str, config_cls: type[PromptGradientProjectionConfig]) -> None:
+    """Make `config_cls` the config of method `name` (called by `pgp_peft.methods.register_method`)."""
+    if not (isinstance(config_cls, type) and issubclass(config_cls, PromptGradientProjectionConfig)):
+        raise TypeError(f"the config of method {name!r} must subclass PromptGradientProjectionConfig")
+    _CONFIG_CLASSES[name] = config_cls
+
+
+def config_class(method: Any) -> type[PromptGradientProjectionConfig]:
+    """The registered config class of `method`; a `ValueError` naming the known methods otherwise."""
+    if method not in _CONFIG_CLASSES:
+        raise ValueError(
+            f"PromptGradientProjectionConfig.method: unknown method {method!r}; expected one of "
+            f"{sorted(_CONFIG_CLASSES)}"
+        )
+    return _CONFIG_CLASSES[method]
+
+
+def fail(name: str, message: str) -> None:
+    """Raise the config error for field `name` (every config names its fields the same way)."""
+    raise ValueError(f"PromptGradientProjectionConfig.{name}: {message}")
+
+
+def check_choice(config: Any, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(config, name)
+    if value not in choices:
+        fail(name, f"unknown value {value!r}; expected one of {list(choices)}")
+
+
+def check_int(config: Any, name: str, *, minimum: int, allow_none: bool = False) -> None:
+    """An int (not a bool) >= minimum; with `allow_none`, None too."""
+    value = getattr(config, name)
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        fail(name, f"must be {kind}{' or None' if allow_none else ''}, got {value!r}")
 
 
 @dataclass
 class PromptGradientProjectionConfig:
-    """Configuration of a PGP prompt adapter (L2P, DualPrompt or CLIP) and its gradient projection.
-
-    Prompt pools
-        method: `"l2p"` (prompt pool at the input), `"dualprompt"` (G/E prefix pools) or `"clip"`
-            (one shared image prompt + per-task text context).
-        pool_size, prompt_length, top_k: L2P pool of `pool_size` prompts of `prompt_length` tokens,
-            `top_k` selected per sample.
-        tuning_type: `"prompt"` (tokens inserted after CLS) or `"prefix"` (key/value prefixes per layer).
-        g_prompt_layers / g_prompt_length: DualPrompt's shared G-prompt.
-        e_prompt_layers / e_prompt_length: DualPrompt's E-prompt pool (`pool_size` slots).
-        prompt_init, key_init: `"uniform"` (U(-1, 1), as the reference), `"zero"` or `"normal"`.
-        use_prompt_keys: learn keys and select prompts by key-query cosine similarity.
-        batchwise_prompt: the reference's batch-wise majority vote over selected ids. Off by default:
-            it assumes a test batch comes from a single task (an evaluation leak).
-        prompt_mask: during training the task id selects the prompt slot (DualPrompt).
-        shared_pool_copy: a new task's E-prompt slot starts as a copy of the previous task's.
-        head_type: `"prompt"` (mean of prompt-token outputs) or `"token"` (CLS output).
-        pull_constraint_coeff: weight of the key-query similarity term subtracted from the loss.
-        image_prompt_length, text_context_length: CLIP's image prompt and CoOp text context sizes.
-        num_tasks: length of the task sequence, if known (CLIP allocates one text context per task).
-        class_names: readable class names (CLIP builds its text prompts from them; `predict` returns them).
-        preprocessing: how images were prepared in training, reused by `predict`: `"reference"`
-            (resize, [0, 1], no normalisation, as the paper's code) or `"processor"` (the base
-            checkpoint's image processor).
+    """What every PGP adapter has: backbone, classes, tasks and the gradient projection.
 
     Backbone
         base_model_name_or_path, revision: the frozen backbone (Hub id or local folder).
         base_model_kwargs: config overrides applied when the backbone is loaded from its name (e.g.
             `{"layer_norm_eps": 1e-6}`, as the paper's ViT-B recipes), so a reloaded adapter sees
             exactly the backbone it was trained on.
+        inference_mode: a loaded adapter is frozen (as PEFT).
+
+    Classes and tasks
+        method: the registered method (`"l2p"`, `"dualprompt"`, `"clip"`); picks the config class.
+        num_classes: number of classes over all tasks (the head's width).
+        num_tasks: length of the task sequence, if known (CLIP allocates one text context per task).
+        class_names: readable class names in class order (CLIP builds its text prompts from them;
+            `predict` returns them).
+        preprocessing: how images were prepared in training, reused by `predict`: `"reference"`
+            (resize, [0, 1], no normalisation, as the paper's code) or `"processor"` (the base
+            checkpoint's image processor).
 
     Projection
         use_pgp: apply Prompt Gradient Projection between tasks (False = the baseline method).
-        projection_space: `"feature"` (default, embedding-space Gram matrices, ALGORITHM.md §2) or
-            `"reference"` (the authors' sample-row PCA memory, §3; needs memory_samples == hidden size).
-        prompt_threshold, key_threshold: energy thresholds ε in (0, 1] for prompt and key spaces.
+        projection_space: `"feature"` (default: per protected space the Gram matrix of the rows its
+            parameters meet, in embedding space, docs/ALGORITHM.md) or `"reference"` (the authors'
+            sample-row PCA memory; needs memory_samples == hidden size).
+        prompt_threshold, key_threshold: energy thresholds ε in (0, 1]; `key_threshold` for spaces
+            named `key`, `prompt_threshold` for every other space.
         memory_samples: samples per task streamed to build the bases (None = the whole task).
         project_update: also project the parameter change after each optimizer step (keeps the
             guarantee for Adam-type optimizers; beyond the paper).
@@ -79,28 +124,6 @@ class PromptGradientProjectionConfig:
     inference_mode: bool = False
     num_classes: int | None = None
     num_tasks: int | None = None
-
-    # prompt pools
-    pool_size: int = 10
-    prompt_length: int = 5
-    top_k: int = 5
-    tuning_type: str = "prompt"
-    g_prompt_layers: list[int] = field(default_factory=list)
-    g_prompt_length: int = 0
-    e_prompt_layers: list[int] = field(default_factory=list)
-    e_prompt_length: int = 0
-    prompt_init: str = "uniform"
-    key_init: str = "uniform"
-    use_prompt_keys: bool = True
-    query_source: str = "frozen_cls"
-    batchwise_prompt: bool = False
-    prompt_mask: bool = False
-    shared_pool_copy: bool = False
-    head_type: str = "prompt"
-    pull_constraint_coeff: float = 0.1
-    image_prompt_length: int = 10
-    text_context_length: int = 16
-    text_template: str = "{}."
     class_names: list[str] | None = None
     preprocessing: str = "reference"
 
@@ -115,113 +138,52 @@ class PromptGradientProjectionConfig:
         default_factory=lambda: {"prompt": 9, "key": 5, "prefix": 50, "clip": 5}
     )
 
+    # Fields a 0.1.0 config.json of this method holds but this class does not have, with the value
+    # 0.1.0 wrote for them. Such keys are dropped when loading; a different value (it had no effect in
+    # 0.1.0 either) is dropped with a warning, except `REMOVED_FIXED_FIELDS`, which were always checked.
+    legacy_fields: ClassVar[dict[str, Any]] = {}
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # `PromptGradientProjectionConfig(method="dualprompt", ...)` builds the method's own class.
+        if cls is PromptGradientProjectionConfig:
+            cls = config_class(kwargs.get("method", args[0] if args else "l2p"))
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
-        self.g_prompt_layers = [int(i) for i in self.g_prompt_layers]
-        self.e_prompt_layers = [int(i) for i in self.e_prompt_layers]
         self.validate()
 
     # ------------------------------------------------------------------ presets
     @classmethod
     def l2p(cls, **overrides: Any) -> PromptGradientProjectionConfig:
         """L2P-PGP as in the paper: pool 10, length 5, top-k 5, prompt head, pull coefficient 0.1."""
-        values: dict[str, Any] = dict(
-            method="l2p",
-            pool_size=10,
-            prompt_length=5,
-            top_k=5,
-            tuning_type="prompt",
-            head_type="prompt",
-            pull_constraint_coeff=0.1,
-            batchwise_prompt=False,
-            prompt_mask=False,
-            shared_pool_copy=False,
-        )
-        values.update(overrides)
-        return cls(**values)
+        return config_class("l2p")(**overrides)
 
     @classmethod
     def dualprompt(cls, **overrides: Any) -> PromptGradientProjectionConfig:
         """DualPrompt-PGP as in the paper: G-prompt length 5 at layers 0-1, E-prompt pool 10 at
-        layers 2-4 (length 5), top-k 1, prefix tuning, prompt mask, shared pool, CLS head, pull 1.0."""
-        values: dict[str, Any] = dict(
-            method="dualprompt",
-            pool_size=10,
-            prompt_length=5,
-            top_k=1,
-            tuning_type="prefix",
-            g_prompt_layers=[0, 1],
-            g_prompt_length=5,
-            e_prompt_layers=[2, 3, 4],
-            e_prompt_length=5,
-            head_type="token",
-            pull_constraint_coeff=1.0,
-            prompt_mask=True,
-            shared_pool_copy=True,
-        )
-        values.update(overrides)
-        return cls(**values)
+        layers 2-4 (length 5), top-k 1, prompt mask, shared pool, CLS head, pull 1.0."""
+        return config_class("dualprompt")(**overrides)
 
     @classmethod
     def clip(cls, **overrides: Any) -> PromptGradientProjectionConfig:
         """CLIP-PGP: one shared 10-token image prompt after CLS, a 16-vector text context per task."""
-        values: dict[str, Any] = dict(
-            method="clip",
-            tuning_type="prompt",
-            use_prompt_keys=False,
-            pool_size=1,
-            prompt_length=10,
-            top_k=1,
-            image_prompt_length=10,
-            text_context_length=16,
-            prompt_init="normal",
-            head_type="token",
-            pull_constraint_coeff=0.0,
-            prompt_threshold=0.97,
-        )
-        values.update(overrides)
-        return cls(**values)
+        return config_class("clip")(**overrides)
+
+    @classmethod
+    def lora(cls, **overrides: Any) -> PromptGradientProjectionConfig:
+        """LoRA-PGP: stock peft LoRA (r 10 on k_proj / v_proj, InfLoRA's setting) with null-space projection."""
+        return config_class("lora")(**overrides)
 
     # ------------------------------------------------------------------ validation
     def validate(self, num_hidden_layers: int | None = None) -> None:
         """Raise `ValueError` naming the offending field. With `num_hidden_layers`, also check layer indices."""
-
-        def fail(name: str, message: str) -> None:
-            raise ValueError(f"PromptGradientProjectionConfig.{name}: {message}")
-
-        if self.method not in METHODS:
-            fail("method", f"unknown method {self.method!r}; expected one of {list(METHODS)}")
-        if self.projection_space not in PROJECTION_SPACES:
+        expected = config_class(self.method)
+        if type(self) is not expected:
             fail(
-                "projection_space",
-                f"unknown space {self.projection_space!r}; expected one of {list(PROJECTION_SPACES)}",
+                "method", f"{type(self).__name__} cannot hold method {self.method!r}; use {expected.__name__}"
             )
-        if self.tuning_type not in TUNING_TYPES:
-            fail(
-                "tuning_type",
-                f"unknown tuning type {self.tuning_type!r}; expected one of {list(TUNING_TYPES)}",
-            )
-        if self.head_type not in HEAD_TYPES:
-            fail("head_type", f"unknown head type {self.head_type!r}; expected one of {list(HEAD_TYPES)}")
-        for name in ("prompt_init", "key_init"):
-            if getattr(self, name) not in PROMPT_INITS:
-                fail(name, f"unknown init {getattr(self, name)!r}; expected one of {list(PROMPT_INITS)}")
-        if self.preprocessing not in ("reference", "processor"):
-            fail("preprocessing", f"expected 'reference' or 'processor', got {self.preprocessing!r}")
-        if self.query_source not in QUERY_SOURCES:
-            fail(
-                "query_source",
-                f"unknown query source {self.query_source!r}; expected one of {list(QUERY_SOURCES)}",
-            )
-        for name in ("pool_size", "prompt_length", "top_k", "image_prompt_length", "text_context_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                fail(name, f"must be a positive integer, got {value!r}")
-        for name in ("g_prompt_length", "e_prompt_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                fail(name, f"must be a non-negative integer (0 disables it), got {value!r}")
-        if self.top_k > self.pool_size:
-            fail("top_k", f"top_k={self.top_k} exceeds pool_size={self.pool_size}")
+        check_choice(self, "projection_space", PROJECTION_SPACES)
+        check_choice(self, "preprocessing", PREPROCESSING_MODES)
         for name in ("prompt_threshold", "key_threshold"):
             value = getattr(self, name)
             if (
@@ -230,32 +192,9 @@ class PromptGradientProjectionConfig:
                 or not 0.0 < float(value) <= 1.0
             ):
                 fail(name, f"threshold must lie in (0, 1], got {value!r}")
-        if self.memory_samples is not None and (
-            not isinstance(self.memory_samples, int)
-            or isinstance(self.memory_samples, bool)
-            or self.memory_samples <= 0
-        ):
-            fail("memory_samples", f"must be a positive integer or None, got {self.memory_samples!r}")
-        for name in ("num_classes", "num_tasks"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                fail(name, f"must be a positive integer, got {value!r}")
-        if self.pull_constraint_coeff < 0:
-            fail("pull_constraint_coeff", f"must be >= 0, got {self.pull_constraint_coeff!r}")
-        if self.method == "dualprompt" and self.tuning_type != "prefix":
-            fail("tuning_type", "DualPrompt uses prefix tuning (tuning_type='prefix')")
-        if self.method in ("l2p", "clip") and self.tuning_type != "prompt":
-            fail("tuning_type", f"{self.method} inserts prompt tokens (tuning_type='prompt')")
-        for name in ("g_prompt_layers", "e_prompt_layers"):
-            layers = getattr(self, name)
-            if any(i < 0 for i in layers):
-                fail(name, f"layer indices must be >= 0, got {layers}")
-            if len(set(layers)) != len(layers):
-                fail(name, f"layer indices must be unique, got {layers}")
-            if num_hidden_layers is not None and any(i >= num_hidden_layers for i in layers):
-                fail(name, f"layer indices {layers} exceed the backbone's depth ({num_hidden_layers} layers)")
-        if set(self.g_prompt_layers) & set(self.e_prompt_layers):
-            fail("e_prompt_layers", "G- and E-prompt layers must not overlap")
+        check_int(self, "memory_samples", minimum=1, allow_none=True)
+        check_int(self, "num_classes", minimum=1, allow_none=True)
+        check_int(self, "num_tasks", minimum=1, allow_none=True)
         if (
             self.class_names is not None
             and self.num_classes is not None
@@ -269,19 +208,44 @@ class PromptGradientProjectionConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PromptGradientProjectionConfig:
-        """Build from a dict; unknown keys raise a `ValueError` naming them (and the closest valid key)."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        """Build the config of `values["method"]`; unknown keys raise a `ValueError` naming them (and
+        the closest valid key). Keys of 0.1.0 fields this method does not have are dropped."""
+        target = config_class(values.get("method", "l2p")) if cls is PromptGradientProjectionConfig else cls
+        known = {f.name for f in dataclasses.fields(target)}
+        values = target._drop_legacy_fields(values, known)
         unknown = sorted(set(values) - known - ADAPTER_METADATA_KEYS)
         if unknown:
-            import difflib
 
             def hint(key: str) -> str:
                 close = difflib.get_close_matches(key, known, n=1)
                 return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
 
             hints = [hint(key) for key in unknown]
-            raise ValueError(f"PromptGradientProjectionConfig: unknown field(s) {', '.join(hints)}")
-        return cls(**{k: v for k, v in values.items() if k in known})
+            raise ValueError(f"{target.__name__}: unknown field(s) {', '.join(hints)}")
+        return target(**{k: v for k, v in values.items() if k in known})
+
+    @classmethod
+    def _drop_legacy_fields(cls, values: dict[str, Any], known: set[str]) -> dict[str, Any]:
+        kept = dict(values)
+        for name, legacy_value in cls.legacy_fields.items():
+            if name in known or name not in kept:
+                continue
+            value = kept.pop(name)
+            if value == legacy_value:
+                continue
+            if name in REMOVED_FIXED_FIELDS:
+                fail(
+                    name,
+                    f"{value!r} is not possible for method {cls.__name__}: the field was removed (its only "
+                    f"value was {legacy_value!r}); delete the key",
+                )
+            logger.warning(
+                "%s: ignoring %s=%r from a pgp_peft 0.1.0 config; the field is not used by this method",
+                cls.__name__,
+                name,
+                value,
+            )
+        return kept
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

@@ -7,11 +7,8 @@ representations to `projection.py`:
   batches (and over processes with `reduce_fn`), plus the old prompts' Gram for prompt spaces;
 * reference mode (§3): one flattened row per memory sample, PCA-reduced as in the authors' code.
 
-Which rows protect which space:
-    L2P        prompt       <- tokens entering layer 0 (CLS + patches with position) + old prompts
-               key          <- frozen CLS queries
-    DualPrompt prefix_l*_h* <- queries of head h at prefix layer l (prompted pass, the task's slot)
-    CLIP       image_prompt <- vision embeddings (CLS + patches with position) + the image prompt
+Which rows protect which space is the method's business (`PGPMethod.memory_rows`, `prompt_terms`,
+`reference_rows`, `reference_representations`); this module streams, sums and hands over.
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .projection import BasisUpdate, GramAccumulator, balanced_sum, reference_pca
+from .projection import BasisUpdate, GramAccumulator, balanced_sum
 
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -43,65 +40,20 @@ def _batches(batches: Iterable, memory_samples: int | None) -> Iterable[torch.Te
         yield pixel_values
 
 
-def _record_prefix_queries(model, pixel_values: torch.Tensor, task_id: int, recorder) -> None:
-    """DualPrompt: a prompted pass with the task's own E-prompt slots, recording the queries.
-
-    The slots are known (the prompt mask), so the frozen query pass that key selection needs is
-    skipped; beyond the pool (more tasks than slots) the slots are chosen by key as in training.
-    """
-    slots = model._task_slot(task_id, pixel_values.shape[0], pixel_values.device, use_task_slot=True)
-    if slots is None:
-        model.forward_features(pixel_values, task_id, query_recorder=recorder, use_task_slot=True)
-        return
-    prefixes = model.prefix_pool.prefixes(pixel_values.shape[0], slots)
-    model.backbone(pixel_values, prefixes=prefixes, query_recorder=recorder)
-
-
-def _prompt_rows(model) -> torch.Tensor | None:
-    """The current prompts as rows (n, D): the p_t of the condition p_t Δpᵀ = 0."""
-    if model.prompt_pool is not None:
-        return model.prompt_pool.prompt.detach().reshape(-1, model.hidden_size)
-    if model.image_prompt is not None:
-        return model.image_prompt.prompt.detach()
-    return None
-
-
 @torch.no_grad()
 def collect_feature_grams(
     model, batches: Iterable, task_id: int, memory_samples: int | None
 ) -> dict[str, torch.Tensor]:
-    """Stream memory samples and return {space: D x D Gram matrix (float64)} of what each space sees."""
-    spaces = model.protected_spaces()
+    """Stream memory samples and return {space: D x D Gram matrix (float64)} of what each space sees,
+    plus {space}__prompt_term: the Gram matrix of the current prompts for the spaces that have one."""
+    method = model.method
     device = next(model.parameters()).device
-    grams = {name: GramAccumulator(dim, device=device) for name, dim in spaces.items()}
-    method = model.config.method
-    heads = model.backbone.num_heads
-
-    def record_queries(layer: int, query: torch.Tensor) -> None:
-        # query (B, H, N, d): head h protects the prefix keys of head h against these rows.
-        names = model.prefix_space_names(layer)
-        if layer not in model.config.g_prompt_layers and layer not in model.config.e_prompt_layers:
-            return
-        for head, name in enumerate(names):
-            grams[name].add(query[:, head] if len(names) == heads else query.transpose(1, 2).flatten(2))
-
+    grams = {name: GramAccumulator(dim, device=device) for name, dim in method.protected_spaces().items()}
     for pixel_values in _batches(batches, memory_samples):
-        pixel_values = pixel_values.to(device)
-        if method == "l2p":
-            tokens: list[torch.Tensor] = []
-            hidden = model.backbone(pixel_values, token_recorder=tokens.append)
-            grams["prompt"].add(tokens[0])
-            grams["key"].add(hidden[:, 0])
-        elif method == "clip":
-            tokens = []
-            model.forward_features(pixel_values, task_id, token_recorder=tokens.append)
-            grams["image_prompt"].add(tokens[0])
-        else:
-            _record_prefix_queries(model, pixel_values, task_id, record_queries)
+        for name, rows in method.memory_rows(pixel_values.to(device), task_id).items():
+            grams[name].add(rows)
     out = {name: accumulator.gram for name, accumulator in grams.items()}
-    prompts = _prompt_rows(model)
-    if prompts is not None:
-        name = "prompt" if method == "l2p" else "image_prompt"
+    for name, prompts in method.prompt_terms().items():
         out[f"{name}__prompt_term"] = prompts.to(torch.float64).t() @ prompts.to(torch.float64)
     return out
 
@@ -112,58 +64,16 @@ def collect_reference_rows(
 ) -> dict[str, torch.Tensor]:
     """Stream memory samples and return {space: (n_mem, F) flattened per-sample representations}."""
     device = next(model.parameters()).device
-    method = model.config.method
     rows: dict[str, list[torch.Tensor]] = {}
-
-    def add(name: str, tensor: torch.Tensor) -> None:
-        rows.setdefault(name, []).append(tensor.flatten(1).to(torch.float32).cpu())
-
-    prefix_layers = set(model.config.g_prompt_layers) | set(model.config.e_prompt_layers)
-
-    def record_queries(layer: int, query: torch.Tensor) -> None:
-        if layer in prefix_layers:
-            add(f"prefix_l{layer}", query)  # (B, H, N, d) flattened row-major, as the reference
-
     for pixel_values in _batches(batches, memory_samples):
-        pixel_values = pixel_values.to(device)
-        if method == "l2p":
-            vision = model.backbone.vision
-            add("prompt", vision.embeddings.patch_embeddings(pixel_values))
-            add("key", model.backbone.query(pixel_values))
-        elif method == "clip":
-            tokens: list[torch.Tensor] = []
-            model.backbone(pixel_values, token_recorder=tokens.append)
-            add("image_prompt", tokens[0])
-        else:
-            _record_prefix_queries(model, pixel_values, task_id, record_queries)
+        for name, tensor in model.method.reference_rows(pixel_values.to(device), task_id).items():
+            rows.setdefault(name, []).append(tensor.flatten(1).to(torch.float32).cpu())
     return {name: torch.cat(parts) for name, parts in rows.items()}
 
 
 def reference_representations(model, rows: dict[str, torch.Tensor], task_id: int) -> dict[str, torch.Tensor]:
-    """PCA-reduce per-sample rows as the reference does (ALGORITHM.md §3 table), adding the prompt terms."""
-    widths = model.config.reference_pca_components
-    out: dict[str, torch.Tensor] = {}
-    method = model.config.method
-    for name, matrix in rows.items():
-        matrix = matrix.to(torch.float64)
-        if method == "l2p" and name == "prompt":
-            representation = reference_pca(matrix, widths["prompt"])
-            if task_id >= 1:  # the prompt term starts at the second task in the reference
-                pool = _prompt_rows(model).to(torch.float64).cpu()  # (P·L, D)
-                representation = representation + reference_pca(pool.t(), widths["prompt"])
-        elif method == "l2p" and name == "key":
-            representation = reference_pca(matrix, widths["key"])
-        elif method == "clip":
-            prompt = _prompt_rows(model).to(torch.float64).cpu()  # (L, D), added on every task
-            representation = reference_pca(matrix, widths["clip"]) + reference_pca(prompt.t(), widths["clip"])
-        else:
-            representation = reference_pca(matrix, min(widths["prefix"], *matrix.shape))
-        out[name] = representation
-    return out
-
-
-def threshold_for(model, space: str) -> float:
-    return model.config.key_threshold if space == "key" else model.config.prompt_threshold
+    """PCA-reduce per-sample rows as the reference does (per method, see `PGPMethod`)."""
+    return model.method.reference_representations(rows, task_id)
 
 
 @torch.no_grad()
@@ -192,7 +102,7 @@ def update_memory(
                 gram = reduce_fn(grams[name])
                 prompt_term = grams.get(f"{name}__prompt_term")
                 updates[name] = model.memory.update_feature(
-                    name, balanced_sum(gram, prompt_term), threshold_for(model, name)
+                    name, balanced_sum(gram, prompt_term), model.method.threshold(name)
                 )
             return updates
         gather_fn = gather_fn or _identity
@@ -202,7 +112,7 @@ def update_memory(
         }
         representations = reference_representations(model, rows, task_id)
         return {
-            name: model.memory.update_reference(name, representation, threshold_for(model, name))
+            name: model.memory.update_reference(name, representation, model.method.threshold(name))
             for name, representation in representations.items()
         }
     finally:
@@ -210,8 +120,6 @@ def update_memory(
 
 
 def memory_update_timing(model) -> str:
-    """When the reference updates the memory: L2P at the start of a task (with that task's samples and
-    the previous prompts; the new projector is used from the next task on), the others at its end."""
-    if model.config.projection_space == "reference" and model.config.method == "l2p":
-        return "start"
-    return "end"
+    """When the memory is updated: `"end"` of a task, or `"start"` (the reference L2P, with that task's
+    samples and the previous prompts; the new projector is used from the next task on)."""
+    return model.method.memory_timing()

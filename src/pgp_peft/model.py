@@ -1,26 +1,41 @@
-"""`PGPModel`: the trainable continual state (prompts, keys, head, projection bases) on a frozen backbone.
+"""`PGPModel`: a frozen backbone + a continual-learning method + a head + the null-space memory.
 
 Mirrors PEFT: `get_pgp_model(base_model, config)` wraps a Hugging Face model, `save_pretrained`
 writes only the adapter (config.json + model.safetensors + README.md, never the backbone), and
 `PGPModel.from_pretrained(dir_or_repo)` rebuilds the backbone from `base_model_name_or_path` @
-`revision` unless one is passed in.
+`revision` unless one is passed in. Which method (L2P, DualPrompt, CLIP, ...) is the registry's
+business (`pgp_peft.methods`): this module never asks which one it holds.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .backbones import VisionBackbone, build_backbone
-from .config import PromptGradientProjectionConfig
-from .hub import LIBRARY_NAME, AdapterHubMixin, load_base_model
+from .backbones import VisionBackbone, backbone_config_signature, build_backbone, load_base_model
+from .cards import LIBRARY_NAME, RUN_FILES, build_model_card, card_kwargs_from_run
+from .config import CONFIG_NAME, PromptGradientProjectionConfig
+from .hub import (
+    WEIGHTS_NAME,
+    create_adapter_repo,
+    fetch_adapter_file,
+    read_adapter_config,
+    read_adapter_tensors,
+    upload_adapter_folder,
+    write_adapter_folder,
+)
+from .methods import MethodOutput, PGPMethod, ProtectedSlice, get_method
 from .projection import NullSpaceMemory, check_reference_memory_size, project_update_
-from .prompts import ImagePrompt, L2PPromptPool, PrefixPromptPool, PromptSelection
+from .version import __version__
 
 
 @dataclass
@@ -36,21 +51,20 @@ class PGPOutput(ModelOutput):
     features: torch.Tensor | None = None
 
 
-class PGPModel(
-    nn.Module,
-    AdapterHubMixin,
-    library_name=LIBRARY_NAME,
-    tags=["pgp_peft", "continual-learning", "prompt-tuning", "image-classification"],
-    repo_url="https://github.com/JingyangQiao/prompt-gradient-projection",
-    paper_url="https://openreview.net/forum?id=EH2O3h7sBI",
-):
-    """Prompt pools + classifier + null-space memory around a frozen `ViTModel` / CLIP vision tower.
+class PGPModel(nn.Module):
+    """A continual-learning method + head + null-space memory around a frozen vision transformer.
 
     Args:
-        config: the adapter configuration.
-        base_model: the backbone (ViTModel, CLIPVisionModel or CLIPModel). If None it is loaded
+        config: the adapter configuration (its `method` picks the registered `PGPMethod`).
+        base_model: the backbone (a model of `backbones.BACKBONE_FAMILIES`). If None it is loaded
             from `config.base_model_name_or_path` at `config.revision`.
         attn_implementation: `"pgp_sdpa"` or `"pgp_eager"`; default follows the backbone's.
+        tokenizer: for methods whose head reads text (CLIP: the CLIP tokenizer; loaded from
+            `config.base_model_name_or_path` if None). Ignored by the others.
+
+    Attributes:
+        backbone (`VisionBackbone`), method (`PGPMethod`), head, memory (`NullSpaceMemory`),
+        class_task (C,): the task that introduced each class (-1: not seen yet).
     """
 
     # The Trainer must not pass `num_items_in_batch` to forward: the loss is a plain batch mean.
@@ -62,18 +76,14 @@ class PGPModel(
         config: PromptGradientProjectionConfig,
         base_model: nn.Module | None = None,
         attn_implementation: str | None = None,
+        tokenizer: Any = None,
     ) -> None:
         super().__init__()
+        spec = get_method(config.method)
         if base_model is None:
             base_model = load_base_model(config)
         self.backbone: VisionBackbone = build_backbone(base_model, attn_implementation)
         config.validate(num_hidden_layers=self.backbone.num_layers)
-        if config.method == "clip" and not self.backbone.is_clip:
-            raise TypeError("method='clip' needs a CLIPModel backbone")
-        if config.method != "clip" and config.num_classes is None:
-            raise ValueError(
-                "PromptGradientProjectionConfig.num_classes: required for L2P and DualPrompt heads"
-            )
         if config.projection_space == "reference":
             try:
                 check_reference_memory_size(config.memory_samples or 0, self.backbone.hidden_size)
@@ -83,50 +93,19 @@ class PGPModel(
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(base_model, "name_or_path", None) or None
         self.config = config
-        hidden = self.backbone.hidden_size
 
-        self.prompt_pool: L2PPromptPool | None = None
-        self.prefix_pool: PrefixPromptPool | None = None
-        self.image_prompt: ImagePrompt | None = None
-        if config.method == "l2p":
-            self.prompt_pool = L2PPromptPool(
-                config.pool_size,
-                config.prompt_length,
-                hidden,
-                config.top_k,
-                config.prompt_init,
-                config.key_init,
-                use_keys=config.use_prompt_keys,
-                batchwise=config.batchwise_prompt,
-            )
-        elif config.method == "dualprompt":
-            self.prefix_pool = PrefixPromptPool(
-                hidden,
-                config.g_prompt_layers,
-                config.g_prompt_length,
-                config.e_prompt_layers,
-                config.e_prompt_length,
-                config.pool_size,
-                config.top_k,
-                config.prompt_init,
-                config.key_init,
-                batchwise=config.batchwise_prompt,
-            )
-        else:
-            self.image_prompt = ImagePrompt(config.image_prompt_length, hidden, config.prompt_init)
-
+        self.method: PGPMethod = spec.method_cls(config, self.backbone)
         self.num_classes = config.num_classes or len(config.class_names or [])
-        self.head = nn.Linear(hidden, self.num_classes) if config.method != "clip" else None
+        self.head = self.method.build_head(self.num_classes, tokenizer)
         # class_task[c] = the task that introduced class c (-1: not seen yet). Drives class masks.
         self.register_buffer("class_task", torch.full((self.num_classes,), -1, dtype=torch.long))
-        self.memory = NullSpaceMemory(self.protected_spaces())
+        self.memory = NullSpaceMemory(self.method.protected_spaces())
         # The adapter lives where the backbone lives; its parameters stay float32 (mixed precision
         # casts activations, and the projection needs fp32 bases).
         backbone_parameter = next(self.backbone.model.parameters(), None)
         if backbone_parameter is not None and backbone_parameter.device.type != "cpu":
-            for module in (self.prompt_pool, self.prefix_pool, self.image_prompt, self.head, self.memory):
-                if module is not None:
-                    module.to(backbone_parameter.device)
+            for module in (self.method, self.head, self.memory):
+                module.to(backbone_parameter.device)
             self.class_task = self.class_task.to(backbone_parameter.device)
         if config.inference_mode:
             self.requires_grad_(False)  # as PEFT: a loaded adapter for inference is frozen
@@ -136,51 +115,13 @@ class PGPModel(
     def hidden_size(self) -> int:
         return self.backbone.hidden_size
 
-    @property
-    def head_dim(self) -> int:
-        return self.backbone.hidden_size // self.backbone.num_heads
-
-    def prefix_space_names(self, layer: int) -> list[str]:
-        """Feature mode protects each head of a prefix layer separately; reference mode the whole layer."""
-        if self.config.projection_space == "reference":
-            return [f"prefix_l{layer}"]
-        return [f"prefix_l{layer}_h{head}" for head in range(self.backbone.num_heads)]
-
     def protected_spaces(self) -> dict[str, int]:
-        """Space name -> dimension of the vectors it protects."""
-        hidden = self.backbone.hidden_size
-        if self.config.method == "l2p":
-            return {"prompt": hidden, "key": hidden}
-        if self.config.method == "clip":
-            return {"image_prompt": hidden}
-        spaces: dict[str, int] = {}
-        for layer in [*self.config.g_prompt_layers, *self.config.e_prompt_layers]:
-            dim = hidden if self.config.projection_space == "reference" else self.head_dim
-            spaces.update({name: dim for name in self.prefix_space_names(layer)})
-        return spaces
+        """Space name -> dimension of the vectors it protects (the method's)."""
+        return self.method.protected_spaces()
 
-    def protected_slices(self) -> list[tuple[nn.Parameter, tuple, list[str]]]:
-        """(parameter, index, space names): the slices the projection acts on, last axis = D.
-
-        L2P: the whole prompt pool and the keys (rows not selected have zero gradient anyway).
-        DualPrompt: the key halves of the G-prompt and of every E-prompt slot, per head; value
-        halves and E-prompt keys are not projected (as in the paper). CLIP: the image prompt.
-        """
-        out: list[tuple[nn.Parameter, tuple, list[str]]] = []
-        if self.prompt_pool is not None:
-            out.append((self.prompt_pool.prompt, (), ["prompt"]))
-            if self.prompt_pool.key is not None:
-                out.append((self.prompt_pool.key, (), ["key"]))
-        if self.prefix_pool is not None:
-            if self.prefix_pool.g_prompt is not None:
-                for position, layer in enumerate(self.prefix_pool.g_layers):
-                    out.append((self.prefix_pool.g_prompt, (position, 0), self.prefix_space_names(layer)))
-            if self.prefix_pool.e_prompt is not None:
-                for position, layer in enumerate(self.prefix_pool.e_layers):
-                    out.append((self.prefix_pool.e_prompt, (position, 0), self.prefix_space_names(layer)))
-        if self.image_prompt is not None:
-            out.append((self.image_prompt.prompt, (), ["image_prompt"]))
-        return out
+    def protected_slices(self) -> list[ProtectedSlice]:
+        """(parameter, index, space names): the slices the projection acts on, last axis = the space's dim."""
+        return self.method.protected_slices()
 
     # ------------------------------------------------------------------ continual bookkeeping
     def register_task_classes(self, task_id: int, classes: Iterable[int]) -> None:
@@ -195,11 +136,9 @@ class PGPModel(
         return int(self.class_task.max().item()) + 1 if self.num_classes else 0
 
     def begin_task(self, task_id: int) -> None:
-        """Per-task setup: DualPrompt's shared pool starts the new task's slots from the previous task's."""
-        if self.prefix_pool is not None and self.config.shared_pool_copy and task_id > 0:
-            top_k = self.config.top_k
-            for offset in range(top_k):
-                self.prefix_pool.copy_slot((task_id - 1) * top_k + offset, task_id * top_k + offset)
+        """Per-task setup of the method and the head (before the task's optimizer is built)."""
+        self.head.begin_task(task_id)
+        self.method.begin_task(task_id)
 
     def class_mask(self, mode: str, task_id: int | torch.Tensor | None = None) -> torch.Tensor | None:
         """Boolean (C,) or (B, C) mask of the classes logits may use: `task` (the task's classes),
@@ -216,70 +155,23 @@ class PGPModel(
         return self.class_task == int(task_id)
 
     # ------------------------------------------------------------------ forward
-    def _task_slot(
-        self, task_id: int | torch.Tensor | None, batch: int, device, use_task_slot: bool | None = None
-    ) -> torch.Tensor | None:
-        """DualPrompt's prompt mask: while training, task t uses the slots t·k .. (t+1)·k - 1 (as the
-        reference), or selects by key when the pool has no such block (more tasks than slots)."""
-        if use_task_slot is None:
-            use_task_slot = self.training
-        if task_id is None or not (use_task_slot and self.config.prompt_mask):
-            return None
-        top_k = self.config.top_k
-        task = task_id if isinstance(task_id, torch.Tensor) else torch.tensor(task_id)
-        task = task.to(device).reshape(-1).expand(batch)
-        if bool(((task + 1) * top_k > self.config.pool_size).any()):
-            return None  # RECIPES.md: with 20 tasks and a pool of 10, later tasks select by key
-        return task.unsqueeze(1) * top_k + torch.arange(top_k, device=device)
-
     def forward_features(
         self,
         pixel_values: torch.Tensor,
         task_id: int | torch.Tensor | None = None,
         *,
-        query_recorder=None,
-        token_recorder=None,
+        query: torch.Tensor | None = None,
         use_task_slot: bool | None = None,
-    ) -> tuple[torch.Tensor, PromptSelection | None]:
-        """Prompted pass. pixel_values (B, C, H, W) -> (features (B, D), selection or None).
+    ) -> MethodOutput:
+        """The method's pass. pixel_values (B, C, H, W) -> (features (B, D), selection or None).
 
+        `query` (B, D): a precomputed frozen query (None: computed when the method needs it).
         `use_task_slot` forces (True) or forbids (False) the prompt mask; default: in training only."""
-        batch = pixel_values.shape[0]
-        selection = None
-        if self.config.method == "clip":
-            hidden = self.backbone(
-                pixel_values,
-                prompt_tokens=self.image_prompt.tokens(batch),
-                query_recorder=query_recorder,
-                token_recorder=token_recorder,
-            )
-            return hidden[:, 0], None
-        query = self.backbone.query(pixel_values)
-        forced = self._task_slot(task_id, batch, pixel_values.device, use_task_slot)
-        if self.prompt_pool is not None:
-            selection = self.prompt_pool.select(query, forced)
-            tokens = self.prompt_pool.gather(selection.indices)
-            hidden = self.backbone(
-                pixel_values,
-                prompt_tokens=tokens,
-                query_recorder=query_recorder,
-                token_recorder=token_recorder,
-            )
-            if self.config.head_type == "prompt":
-                features = hidden[:, 1 : 1 + tokens.shape[1]].mean(dim=1)
-            else:
-                features = hidden[:, 0]
-            return features, selection
-        selection = self.prefix_pool.select(query, forced)
-        prefixes = self.prefix_pool.prefixes(batch, selection.indices if selection is not None else None)
-        hidden = self.backbone(
-            pixel_values, prefixes=prefixes, query_recorder=query_recorder, token_recorder=token_recorder
-        )
-        return hidden[:, 0], selection
+        return self.method.features(pixel_values, task_id, query=query, use_task_slot=use_task_slot)
 
     def compute_logits(self, features: torch.Tensor, task_id=None) -> torch.Tensor:
-        """features (B, D) -> logits (B, C). CLIP's subclass logic lives in `clip.py`."""
-        return self.head(features.to(self.head.weight.dtype))
+        """features (B, D) -> logits (B, C), by the head."""
+        return self.head(features, self.class_task, task_id)
 
     def forward(
         self,
@@ -287,15 +179,17 @@ class PGPModel(
         labels: torch.Tensor | None = None,
         task_id: int | torch.Tensor | None = None,
         class_mask: str | None = None,
+        query: torch.Tensor | None = None,
     ) -> PGPOutput:
-        """pixel_values (B, C, H, W), labels (B,) class-order ids, task_id (int or (B,)).
+        """pixel_values (B, C, H, W), labels (B,) class-order ids, task_id (int or (B,)), query (B, D)
+        an optional precomputed frozen query.
 
         class_mask: `task` (default while training with a task id: logits outside the task's
         classes are -inf, the paper's class mask), `seen` (default otherwise: class-IL over all
         classes seen so far), or `all`. Task-IL evaluation = `task_id=true task, class_mask="task"`.
-        Loss = CE - pull_constraint_coeff · pull term.
+        Loss = CE + the method's auxiliary term (L2P/DualPrompt: - pull_constraint_coeff · pull term).
         """
-        features, selection = self.forward_features(pixel_values, task_id)
+        features, selection = self.forward_features(pixel_values, task_id, query=query)
         logits = self.compute_logits(features, task_id)
         if class_mask is None:
             class_mask = "task" if (self.training and task_id is not None) else "seen"
@@ -308,8 +202,9 @@ class PGPModel(
             similarity = selection.selected_similarity.mean()
         if labels is not None:
             loss = nn.functional.cross_entropy(logits, labels.to(logits.device))
-            if pull is not None and self.config.pull_constraint_coeff:
-                loss = loss - self.config.pull_constraint_coeff * pull
+            auxiliary = self.method.auxiliary_loss(selection)
+            if auxiliary is not None:
+                loss = loss + auxiliary
         return PGPOutput(
             loss=loss,
             logits=logits,
@@ -357,7 +252,7 @@ class PGPModel(
             if self.config.preprocessing == "processor":
                 from transformers import AutoImageProcessor
 
-                from .hub import resolve_builtin
+                from .backbones import resolve_builtin
 
                 kwargs["image_processor"] = AutoImageProcessor.from_pretrained(
                     resolve_builtin(self.config.base_model_name_or_path), revision=self.config.revision
@@ -396,25 +291,210 @@ class PGPModel(
                 parameter.data[index], before, lambda delta, names=names: self.project_tensor_(delta, names)
             )
 
+    # ------------------------------------------------------------------ adapter state
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The live tensors of the adapter by their saved names: the method's (e.g. `prompt_pool.prompt`),
+        the head's (`head.weight`, CLIP: `text_contexts.{t}`), `class_task` and `memory.*`. Never the
+        frozen backbone. The names are those pgp_peft 0.1.0 saved."""
+        tensors: dict[str, torch.Tensor] = {}
+        parts = [
+            self.method.adapter_tensors(),
+            self.head.adapter_tensors(),
+            {"class_task": self.class_task},
+            {f"memory.{name}": tensor for name, tensor in self.memory.state_dict(keep_vars=True).items()},
+        ]
+        for part in parts:
+            clash = sorted(set(tensors) & set(part))
+            if clash:
+                raise RuntimeError(f"two parts of the adapter save tensors under the same names {clash}")
+            tensors.update(part)
+        return tensors
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Detached contiguous copies of `adapter_tensors()` (what model.safetensors holds)."""
+        return {name: tensor.detach().contiguous().clone() for name, tensor in self.adapter_tensors().items()}
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Strict load of adapter tensors: missing, unexpected or mis-shaped entries raise `ValueError`."""
+        expected = self.adapter_tensors()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{source}: missing adapter tensors {missing}, unexpected {unexpected}")
+        for name, tensor in state.items():
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise ValueError(
+                    f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} but this backbone needs "
+                    f"{tuple(expected[name].shape)} (hidden size {self.backbone.hidden_size}, "
+                    f"{self.backbone.num_layers} layers)"
+                )
+        memory_prefix = "memory."
+        for name, tensor in state.items():
+            if not name.startswith(memory_prefix):
+                expected[name].copy_(tensor)
+        # The memory loads through its own state dict (it keeps per-buffer caches).
+        self.memory.load_state_dict(
+            {
+                name[len(memory_prefix) :]: tensor
+                for name, tensor in state.items()
+                if name.startswith(memory_prefix)
+            }
+        )
+
+    def backbone_signature(self) -> dict[str, int]:
+        return {
+            "hidden_size": self.backbone.hidden_size,
+            "num_hidden_layers": self.backbone.num_layers,
+            "num_attention_heads": self.backbone.num_heads,
+        }
+
+    def _config_payload(self) -> dict[str, Any]:
+        payload = self.config.to_dict()
+        payload.update(
+            library_name=LIBRARY_NAME, pgp_peft_version=__version__, backbone=self.backbone_signature()
+        )
+        return payload
+
+    # ------------------------------------------------------------------ save / load / share
+    def generate_model_card(self, **card_kwargs: Any):
+        """The model card (`cards.build_model_card`) filled from the config and `card_kwargs` (run results)."""
+        return build_model_card(config=self._config_payload(), **card_kwargs)
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, model_card_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """Write config.json, model.safetensors and README.md (the model card); never the backbone.
+
+        Files are first written to a temporary sibling directory and then moved into place one by one,
+        config.json last, so a failure half way leaves the previous save readable.
+        """
+        write_adapter_folder(
+            save_directory,
+            self.adapter_state_dict(),
+            self._config_payload(),
+            self.generate_model_card(**(model_card_kwargs or {})),
+            extra=self.method.save_extra,
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload pgp_peft adapter",
+        private: bool | None = None,
+        token: str | None = None,
+        branch: str | None = None,
+        create_pr: bool | None = None,
+        output_dir: str | os.PathLike | None = None,
+        model_card_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Upload the adapter (config, tensors, bases, model card) in one commit.
+
+        With `output_dir` (a training run's folder) its results.json and accuracy plots go along and fill
+        the card. The local save is never modified; a refused push raises the Hub's error.
+        """
+        repo_id = create_adapter_repo(repo_id, token=token, private=private)
+        card_kwargs = dict(model_card_kwargs or {})
+        if output_dir is not None and "results" not in card_kwargs:
+            card_kwargs.update(card_kwargs_from_run(output_dir))
+        card_kwargs.setdefault("repo_id", repo_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "adapter"
+            self.save_pretrained(folder, model_card_kwargs=card_kwargs)
+            if output_dir is not None:
+                for name in RUN_FILES:
+                    source = Path(output_dir) / name
+                    if source.exists():
+                        shutil.copy2(source, folder / name)
+            return upload_adapter_folder(
+                folder,
+                repo_id,
+                token=token,
+                commit_message=commit_message,
+                branch=branch,
+                create_pr=create_pr,
+                **kwargs,
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        base_model: nn.Module | None = None,
+        tokenizer: Any = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        map_location: str | torch.device | None = None,
+        attn_implementation: str | None = None,
+        **config_overrides: Any,
+    ) -> PGPModel:
+        """Load an adapter from a local directory or a Hub repo id (safetensors only, never pickle).
+
+        The backbone is `base_model` if given, else loaded from the recorded base model and revision;
+        `tokenizer` as in the constructor. A backbone of another hidden size or depth raises `ValueError`
+        naming both shapes. Keyword arguments left over override config fields.
+        """
+        source = str(pretrained_model_name_or_path)
+        download = dict(
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+        )
+        payload = read_adapter_config(fetch_adapter_file(source, CONFIG_NAME, **download), source)
+        saved_signature = payload.pop("backbone", None)
+        payload.update(config_overrides)
+        config = PromptGradientProjectionConfig.from_dict(payload)
+        if base_model is not None and saved_signature is not None:
+            # Before building the adapter, so the error names both shapes (not a layer-index error).
+            given = backbone_config_signature(base_model)
+            if given is not None and given != saved_signature:
+                raise ValueError(
+                    f"adapter {source} was trained on a backbone with {saved_signature}, but the backbone "
+                    f"given has {given}"
+                )
+        model = cls(
+            config, base_model=base_model, attn_implementation=attn_implementation, tokenizer=tokenizer
+        )
+        if saved_signature is not None and saved_signature != model.backbone_signature():
+            raise ValueError(
+                f"adapter {source} was trained on a backbone with {saved_signature}, but the backbone given has "
+                f"{model.backbone_signature()}"
+            )
+        # Default: wherever the backbone is (a CUDA backbone passed in stays on CUDA).
+        device = map_location if map_location is not None else next(model.parameters()).device
+        state = read_adapter_tensors(fetch_adapter_file(source, WEIGHTS_NAME, **download), device)
+        model.load_adapter_state_dict(state, source=source)
+        if model.method.extra_files:
+            # Files of one snapshot land in one folder: the folder of the last one fetched holds them all.
+            paths = [fetch_adapter_file(source, name, **download) for name in model.method.extra_files]
+            model.method.load_extra(Path(paths[-1]).parent)
+        model.to(device)
+        model.eval()
+        return model
+
 
 def get_pgp_model(
     base_model: nn.Module,
     config: PromptGradientProjectionConfig,
     num_classes: int | None = None,
     attn_implementation: str | None = None,
-    **kwargs: Any,
+    tokenizer: Any = None,
 ) -> PGPModel:
     """Wrap a Hugging Face vision model with a PGP adapter (like `peft.get_peft_model`).
 
     The base model is frozen and switched to the `pgp_*` attention implementation; nothing else in
-    it changes. `num_classes` overrides `config.num_classes`.
+    it changes. `num_classes` overrides `config.num_classes`; `tokenizer` as in `PGPModel`.
     """
     if num_classes is not None:
         config = config.replace(num_classes=num_classes)
-    if config.method == "clip":
-        from .clip import CLIPPGPModel
-
-        return CLIPPGPModel(config, base_model=base_model, attn_implementation=attn_implementation, **kwargs)
-    if kwargs:
-        raise TypeError(f"unexpected arguments for {config.method}: {sorted(kwargs)}")
-    return PGPModel(config, base_model=base_model, attn_implementation=attn_implementation)
+    return PGPModel(
+        config, base_model=base_model, attn_implementation=attn_implementation, tokenizer=tokenizer
+    )

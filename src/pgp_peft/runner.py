@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from .hub import load_backbone, resolve_builtin
+from .backbones import load_backbone, resolve_builtin
 
 logger = logging.getLogger("pgp_peft")
 
@@ -128,15 +128,21 @@ def load_recipe(name_or_path: str, directory: Path | None = None) -> dict[str, A
     return recipe
 
 
-def _valid_keys(recipe: dict[str, Any]) -> list[str]:
-    from .config import PromptGradientProjectionConfig
+def _adapter_fields() -> dict[str, Any]:
+    """Every registered method's config fields by name (the first method declaring a name wins)."""
+    from .config import config_class
+    from .methods import available_methods
 
+    fields: dict[str, Any] = {}
+    for method in available_methods():
+        for name, field in config_class(method).__dataclass_fields__.items():
+            fields.setdefault(name, field)
+    return fields
+
+
+def _valid_keys(recipe: dict[str, Any]) -> list[str]:
     keys = [f"{section}.{key}" for section in SECTIONS for key in recipe[section]]
-    keys += [
-        f"adapter.{f}"
-        for f in PromptGradientProjectionConfig.__dataclass_fields__
-        if f"adapter.{f}" not in keys
-    ]
+    keys += [f"adapter.{f}" for f in _adapter_fields() if f"adapter.{f}" not in keys]
     return keys
 
 
@@ -199,9 +205,7 @@ def _type_example(section: str, name: str, current: Any) -> Any:
     if section == "adapter":  # a config field the recipe does not set: its dataclass default
         import dataclasses
 
-        from .config import PromptGradientProjectionConfig
-
-        field = PromptGradientProjectionConfig.__dataclass_fields__.get(name)
+        field = _adapter_fields().get(name)
         if field is not None and field.default is not dataclasses.MISSING:
             return field.default
         if field is not None and field.default_factory is not dataclasses.MISSING:
@@ -339,21 +343,21 @@ def _limit_splits(splits, max_train: int | None, max_test: int | None, seed: int
 
 def build_adapter_config(recipe: dict[str, Any], num_classes: int, class_names: list[str] | None):
     from .config import PromptGradientProjectionConfig
+    from .methods import available_methods
 
     values = dict(recipe["adapter"])
-    method = values.pop("method", "l2p")
-    preset = getattr(PromptGradientProjectionConfig, method, None)
-    if preset is None or method not in ("l2p", "dualprompt", "clip"):
-        raise ValueError(f"adapter.method: unknown method {method!r}; expected l2p, dualprompt or clip")
+    method = values.setdefault("method", "l2p")
+    if method not in available_methods():
+        raise ValueError(f"adapter.method: unknown method {method!r}; expected one of {available_methods()}")
     values.setdefault("num_classes", num_classes)
-    if method == "clip":
-        values.setdefault("class_names", class_names)
+    values.setdefault("class_names", class_names)
     values.setdefault("preprocessing", recipe["data"]["preprocessing"])
     values.setdefault("num_tasks", recipe["data"]["num_tasks"])
     values["base_model_name_or_path"] = recipe["model"]["base_model_name_or_path"]
     values["base_model_kwargs"] = _backbone_kwargs(recipe["model"])
     values["revision"] = recipe["model"]["revision"]
-    return preset(**values)
+    # from_dict: a recipe written for 0.1.0 may name fields its method does not use (dropped there).
+    return PromptGradientProjectionConfig.from_dict(values)
 
 
 def build_training_arguments(recipe: dict[str, Any], output_dir: str):
@@ -412,6 +416,7 @@ def run_recipe(
     tokenizer=None,
 ):
     """Run a recipe end to end; returns (model, result). Saves the adapter, results.json and plots."""
+    from .memory import memory_update_timing
     from .metrics import format_matrix
     from .model import get_pgp_model
     from .trainer import ContinualTrainer
@@ -421,9 +426,8 @@ def run_recipe(
     config = build_adapter_config(recipe, splits.num_classes, splits.class_names)
     if backbone is None:
         backbone = build_backbone_model(recipe["model"])
-    model_kwargs = {"tokenizer": tokenizer} if (config.method == "clip" and tokenizer is not None) else {}
     model = get_pgp_model(
-        backbone, config, attn_implementation=recipe["model"]["attn_implementation"], **model_kwargs
+        backbone, config, attn_implementation=recipe["model"]["attn_implementation"], tokenizer=tokenizer
     )
     args = build_training_arguments(recipe, output_dir)
     trainer = ContinualTrainer(
@@ -433,9 +437,7 @@ def run_recipe(
         train_transform=train_transform,
         eval_transform=eval_transform,
         # The reference L2P collects its memory at the task's start with train-time augmentation.
-        memory_transform=train_transform
-        if (config.method == "l2p" and config.projection_space == "reference")
-        else eval_transform,
+        memory_transform=train_transform if memory_update_timing(model) == "start" else eval_transform,
         first_task_args=first_task_arguments(recipe),
         online=recipe["training"]["online"],
         task_end_callbacks=_hub_callbacks(recipe),

@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import set_seed
 
+from .cards import card_kwargs_from_results
 from .data import ContinualSplits, collate, memory_subset, with_image_transform
 from .fileio import atomic_write_text, replace_dir, staging_dir
-from .hub import card_kwargs_from_results
 from .memory import memory_update_timing, update_memory
 from .metrics import AccuracyMatrix, plot_accuracy_curves, plot_accuracy_matrix, summarize, write_results_json
 from .model import PGPModel

@@ -48,7 +48,6 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
@@ -59,7 +58,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..backbones import VisionBackbone
+from ..config import PromptGradientProjectionConfig, check_int, fail
 from ..fileio import atomic_write_text
+from .base import MethodCard, MethodOutput, PGPMethod, ProtectedSlice
 
 ADAPTER_NAME = "default"
 # The prefix PeftModel puts in front of every key (PeftModel.base_model = LoraModel, LoraModel.model = ours).
@@ -68,8 +69,8 @@ SPACE_A, SPACE_B = "lora_A", "lora_B"
 
 
 @dataclass
-class LoraPGPSettings:
-    """The LoRA fields of a LoRA-PGP adapter (defaults: InfLoRA's setting, Liang & Li, CVPR 2024).
+class LoraPGPConfig(PromptGradientProjectionConfig):
+    """LoRA-PGP (`method="lora"`); defaults: InfLoRA's LoRA setting (Liang & Li, CVPR 2024).
 
     r: LoRA rank (InfLoRA: 10).
     lora_alpha: scaling numerator; the update is scaled by lora_alpha / r (InfLoRA has no scaling, i.e.
@@ -77,28 +78,41 @@ class LoraPGPSettings:
     target_modules: names of the linears to adapt, matched as peft matches them (the last path
         component). On transformers 5.x ViT: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `fc1`, `fc2`; on CLIP
         only the vision tower's are adapted. InfLoRA adapts keys and values.
+
+    The protected spaces use `prompt_threshold` (there is no key space). `projection_space` must be
+    `"feature"`.
     """
 
+    method: str = "lora"
     r: int = 10
     lora_alpha: float = 10.0
     target_modules: list[str] = field(default_factory=lambda: ["k_proj", "v_proj"])
 
-    def validate(self, owner: str = "LoraPGPConfig") -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"{owner}.r: must be a positive integer, got {self.r!r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
-            raise ValueError(f"{owner}.lora_alpha: must be a number, got {self.lora_alpha!r}")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"{owner}.lora_alpha: must be > 0, got {self.lora_alpha!r}")
+    def validate(self, num_hidden_layers: int | None = None) -> None:
+        super().validate(num_hidden_layers)
+        check_int(self, "r", minimum=1)
+        if (
+            isinstance(self.lora_alpha, bool)
+            or not isinstance(self.lora_alpha, (int, float))
+            or self.lora_alpha <= 0
+        ):
+            fail("lora_alpha", f"must be a number > 0, got {self.lora_alpha!r}")
         targets = self.target_modules
         if (
             not isinstance(targets, (list, tuple))
             or not targets
             or not all(isinstance(name, str) and name for name in targets)
         ):
-            raise ValueError(
-                f"{owner}.target_modules: a non-empty list of linear-layer names (e.g. ['k_proj', 'v_proj']), "
-                f"got {targets!r}"
+            fail(
+                "target_modules",
+                f"a non-empty list of linear-layer names (e.g. ['k_proj', 'v_proj']), got {targets!r}",
+            )
+        if self.projection_space != "feature":
+            fail(
+                "projection_space",
+                f"LoRA-PGP supports 'feature' only, got {self.projection_space!r}: the paper's sample-space "
+                "('reference') memory is defined for prompts, and the authors released no LoRA reference to "
+                "reproduce. Set projection_space='feature'.",
             )
 
 
@@ -110,12 +124,7 @@ def vision_tower_prefix(model: nn.Module, vision: nn.Module) -> str:
     raise ValueError(f"the vision tower is not a submodule of the {type(model).__name__} given")
 
 
-def lora_peft_config(
-    settings: LoraPGPSettings,
-    vision_prefix: str = "",
-    base_model_name_or_path: str | None = None,
-    revision: str | None = None,
-) -> LoraConfig:
+def lora_peft_config(config: LoraPGPConfig, vision_prefix: str = "") -> LoraConfig:
     """The `peft.LoraConfig` of a LoRA-PGP adapter.
 
     When the vision transformer is a submodule (`vision_prefix`, e.g. "vision_model" of a full
@@ -123,81 +132,71 @@ def lora_peft_config(
     `target_modules` against module paths), so the text tower is untouched both here and when peft itself
     loads the saved adapter.
     """
-    targets: list[str] | str = sorted(set(settings.target_modules))
+    targets: list[str] | str = sorted(set(config.target_modules))
     if vision_prefix:
         names = "|".join(re.escape(name) for name in targets)
         targets = rf"{re.escape(vision_prefix)}\..*\.({names})"
     return LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.lora_alpha,
+        r=config.r,
+        lora_alpha=config.lora_alpha,
         target_modules=targets,
         lora_dropout=0.0,  # the frozen backbone runs in eval mode: dropout would never be active
         bias="none",
         init_lora_weights=True,  # A Kaiming-uniform, B = 0: the adapted model starts as the backbone
-        base_model_name_or_path=base_model_name_or_path,
-        revision=revision,
+        base_model_name_or_path=config.base_model_name_or_path,
+        revision=config.revision,
     )
 
 
-class LoraPGPMethod(nn.Module):
+class LoraPGPMethod(PGPMethod):
     """LoRA adapters injected by peft into the frozen backbone, with the PGP spaces of every adapted linear.
 
     The LoRA parameters are owned by the peft layers inside `backbone.model`; this module keeps plain
-    (unregistered) references to them, so they appear once in a state dict, under the backbone's path.
-
-    Args:
-        settings: r, lora_alpha, target_modules.
-        backbone: the frozen `VisionBackbone`; LoRA is injected into `backbone.model` in place.
-        projection_space: must be "feature" (the reference sample-space memory has no LoRA variant).
-        base_model_name_or_path, revision: recorded in adapter_config.json for peft.
+    (unregistered) references to them. `adapter_tensors` names them `lora.<path>.lora_A.weight` /
+    `lora.<path>.lora_B.weight` in model.safetensors (what pgp_peft loads, strictly, also on resume);
+    `save_extra` writes the same weights in peft's layout next to it.
     """
 
-    name: ClassVar[str] = "lora"
-    memory_timing: ClassVar[str] = "end"
+    name = "lora"
+    card = MethodCard(
+        name="LoRA",
+        contents=(
+            "the LoRA matrices A and B of every adapted linear and the classification head; the LoRA weights "
+            "also as a peft adapter (adapter_config.json + adapter_model.safetensors, loadable with "
+            "peft.PeftModel.from_pretrained)"
+        ),
+        settings=("r", "lora_alpha", "target_modules"),
+        tags=("lora", "peft"),
+        selection_text=(
+            "not applicable: LoRA adapts the backbone's linears, every image passes through the same adapted "
+            "layers (no prompt pool)."
+        ),
+    )
 
-    def __init__(
-        self,
-        settings: LoraPGPSettings,
-        backbone: VisionBackbone,
-        projection_space: str = "feature",
-        base_model_name_or_path: str | None = None,
-        revision: str | None = None,
-    ) -> None:
-        super().__init__()
-        settings.validate()
-        if projection_space != "feature":
-            raise ValueError(
-                f"LoRA-PGP supports projection_space='feature' only, got {projection_space!r}: the paper's "
-                "sample-space ('reference') memory is defined for prompts, and the authors released no LoRA "
-                "reference to reproduce. Set projection_space='feature'."
-            )
-        self.settings = settings
+    def __init__(self, config: LoraPGPConfig, backbone: VisionBackbone) -> None:
+        super().__init__(config, backbone)
         model = backbone.model
         if getattr(model, "peft_config", None):
             raise ValueError(
                 "the backbone already carries peft adapters; pass a plain transformers model (LoRA-PGP "
                 "injects its own adapter)"
             )
-        self.peft_config = lora_peft_config(
-            settings, vision_tower_prefix(model, backbone.vision), base_model_name_or_path, revision
-        )
+        self.peft_config = lora_peft_config(config, vision_tower_prefix(model, backbone.vision))
         try:
             inject_adapter_in_model(self.peft_config, model, adapter_name=ADAPTER_NAME)
         except ValueError as error:
             linear_names = sorted(
                 {
                     path.rsplit(".", 1)[-1]
-                    for path, module in model.named_modules()
+                    for path, module in backbone.vision.named_modules()
                     if isinstance(module, nn.Linear)
                 }
             )
-            raise ValueError(
-                f"LoraPGPConfig.target_modules={settings.target_modules!r}: peft could not adapt them ({error}). "
-                f"Linear layers of this {type(model).__name__}: {linear_names}"
-            ) from None
-        # Lists, so the backbone is not registered as a submodule of the method (no duplicate state).
-        self._backbone = [backbone]
-        self._model = [model]
+            fail(
+                "target_modules",
+                f"{config.target_modules!r}: peft could not adapt them ({error}). Linear layers of this "
+                f"{type(backbone.vision).__name__}: {linear_names}",
+            )
         self._layers: dict[str, LoraLayer] = {
             path: module for path, module in model.named_modules() if isinstance(module, LoraLayer)
         }
@@ -231,33 +230,20 @@ class LoraPGPMethod(nn.Module):
             spaces[f"{path}.{SPACE_B}"] = a.shape[0]
         return spaces
 
-    def protected_slices(self) -> list[tuple[nn.Parameter, tuple, list[str]]]:
+    def protected_slices(self) -> list[ProtectedSlice]:
         """(lora_A.weight (r, d_in), (), [A space]) and (lora_B.weight (d_out, r), (), [B space]) per
         adapted linear: the projection acts on the last axis, g <- g - g U Uᵀ."""
-        out: list[tuple[nn.Parameter, tuple, list[str]]] = []
+        out: list[ProtectedSlice] = []
         for path in self._layers:
             a, b = self.lora_weights(path)
-            out.append((a, (), [f"{path}.{SPACE_A}"]))
-            out.append((b, (), [f"{path}.{SPACE_B}"]))
+            out.append(ProtectedSlice(a, (), [f"{path}.{SPACE_A}"]))
+            out.append(ProtectedSlice(b, (), [f"{path}.{SPACE_B}"]))
         return out
 
-    def card_info(self) -> dict[str, Any]:
-        """The model card's wording for this method."""
-        targets = ", ".join(f"`{name}`" for name in self.settings.target_modules)
-        return {
-            "name": "LoRA-PGP",
-            "description": (
-                f"peft LoRA adapters (r={self.settings.r}, alpha={self.settings.lora_alpha:g}) on {targets} of "
-                "the frozen vision transformer; between tasks the updates of A and B are projected onto the "
-                "null space of the old tasks' layer inputs and down-projected inputs"
-            ),
-            "tags": ["lora", "peft"],
-        }
-
     # ------------------------------------------------------------------ forward
-    def features(self, pixel_values: torch.Tensor, task_id: int | None = None) -> torch.Tensor:
-        """pixel_values (B, C, H, W) -> the adapted backbone's CLS features (B, D) for the head."""
-        return self._backbone[0](pixel_values)[:, 0]
+    def features(self, pixel_values, task_id=None, *, query=None, use_task_slot=None) -> MethodOutput:
+        """pixel_values (B, C, H, W) -> the adapted backbone's pooled (CLS) features (B, D); no selection."""
+        return MethodOutput(self.backbone.pool(self.backbone(pixel_values)))
 
     # ------------------------------------------------------------------ memory rows
     @contextlib.contextmanager
@@ -289,7 +275,7 @@ class LoraPGPMethod(nn.Module):
         return rows
 
     @torch.no_grad()
-    def memory_rows(self, pixel_values: torch.Tensor, task_id: int | None = None) -> dict[str, torch.Tensor]:
+    def memory_rows(self, pixel_values: torch.Tensor, task_id: int) -> dict[str, torch.Tensor]:
         """Feature-mode rows of one batch of memory samples: every token's input to every adapted linear
         (space "<path>.lora_A", (B·N, d_in)) and its down-projection z = A x ("<path>.lora_B", (B·N, r)).
 
@@ -297,16 +283,29 @@ class LoraPGPMethod(nn.Module):
         linear; linears sharing an input share the tensor), so choose the memory batch size accordingly.
         """
         with self.record_inputs() as inputs:
-            self._backbone[0](pixel_values)
+            self.backbone(pixel_values)
         missing = [path for path in self._layers if path not in inputs]
         if missing:
             raise RuntimeError(f"adapted layers {missing} were not called by the backbone's forward pass")
         return self.rows_from_inputs(inputs)
 
-    # ------------------------------------------------------------------ peft files
+    # ------------------------------------------------------------------ persistence
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The live LoRA parameters, saved as `lora.<path>.lora_A.weight` / `lora.<path>.lora_B.weight`."""
+        tensors: dict[str, torch.Tensor] = {}
+        for path in self._layers:
+            a, b = self.lora_weights(path)
+            tensors[f"lora.{path}.lora_A.weight"] = a
+            tensors[f"lora.{path}.lora_B.weight"] = b
+        return tensors
+
+    def save_extra(self, directory: Path) -> None:
+        """The LoRA weights in peft's layout, for `peft.PeftModel.from_pretrained(base_model, directory)`."""
+        self.save_peft_files(directory)
+
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA weights keyed as in a peft adapter file ("base_model.model.<path>.lora_A.weight")."""
-        state = get_peft_model_state_dict(self._model[0], adapter_name=ADAPTER_NAME)
+        state = get_peft_model_state_dict(self.backbone.model, adapter_name=ADAPTER_NAME)
         return {PEFT_KEY_PREFIX + key: tensor.detach().contiguous().clone() for key, tensor in state.items()}
 
     def save_peft_files(self, directory: str | os.PathLike) -> None:
@@ -342,7 +341,7 @@ class LoraPGPMethod(nn.Module):
             if tuple(tensor.shape) != tuple(expected[key].shape):
                 raise ValueError(
                     f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, this adapter needs "
-                    f"{tuple(expected[key].shape)} (r={self.settings.r})"
+                    f"{tuple(expected[key].shape)} (r={self.config.r})"
                 )
         for path_name in self._layers:
             a, b = self.lora_weights(path_name)

@@ -1,42 +1,12 @@
-"""CLIP-PGP: a shared image prompt in CLIP's vision tower + a CoOp text context per task.
+"""Classifier heads on the method's features: a linear layer, or CLIP's text side (CoOp contexts).
 
-The model (ALGORITHM.md §2 CLIP row, §4 CLIP; the authors' `clip-pgp` code):
-
-* Image side. One prompt of `image_prompt_length` tokens, shared by all tasks, is inserted right after
-  CLS by `VisionBackbone`'s embeddings hook: `[CLS, prompt, patches]`. The hook runs on the output of
-  `CLIPVisionEmbeddings` (patches + CLS + position embeddings), i.e. *before* CLIP's `pre_layrnorm`.
-  That placement is deliberate: CLIP normalises every token entering its encoder with `pre_layrnorm`,
-  and its first layer was trained only on such normalised rows, so the prompt is normalised exactly
-  like the tokens it joins (a prompt inserted after the LayerNorm would enter the residual stream at a
-  scale no pretrained token has). It is also where the reference inserts its `instance_tokens`
-  (before `ln_pre`). The image feature is `visual_projection(post_layernorm(CLS))` of the prompted pass.
-* Text side. A CoOp context of `text_context_length` vectors per task, N(0, 0.02²) initialised. Class c
-  is described by `[SOS, context of the task that introduced c, tokens of text_template.format(name),
-  EOS, pad]` (CoOp's "X X ... X {name}." with the X's replaced by learned vectors) and encoded by CLIP's
-  frozen text transformer (causal mask, pooled at EOS, `text_projection`).
-* Logits = exp(logit_scale) · cos(image feature, class text feature), then the usual class mask.
-* PGP protects the image prompt (space `"image_prompt"`) with the basis of the vision embeddings the
-  prompt meets (`clip_memory_rows`, the reference's `act['rep']`); the text contexts are not projected.
-
-Contexts are stored one `nn.Parameter` per task (`text_contexts.{t}`, shape (L_ctx, H_text)) rather
-than one (T, L_ctx, H_text) tensor: `begin_task(t)` makes only context t trainable, so an optimizer
-with weight decay (the recipe's SGD uses 5e-4 / 2e-4) cannot shrink the contexts of finished tasks.
-`text_context` gives the stacked (T, L_ctx, H_text) view.
-
-How many contexts: `config.num_tasks` if the config has that field, else `num_classes` (every task
-introduces at least one class, so there are never more tasks than classes; unused contexts cost
-L_ctx·H_text floats each).
-
-Tokenizer: only needed at construction, to tokenize the class prompts once. Pass `tokenizer=` to the
-constructor or to `CLIPPGPModel.from_pretrained`; otherwise it is loaded with `AutoTokenizer` from
-`config.base_model_name_or_path` @ `revision` (the CLIP checkpoint's own tokenizer), with an error
-that says how to pass one when that fails (e.g. offline).
+A head maps features (B, D) to logits (B, C) given `class_task` (C,), the task that introduced each
+class (-1: not seen yet). Heads also say which of their tensors an adapter saves (`adapter_tensors`,
+by their saved names) and get `begin_task` calls.
 """
 
 from __future__ import annotations
 
-import contextvars
-import os
 import warnings
 from typing import Any
 
@@ -46,23 +16,37 @@ from transformers import CLIPModel
 from transformers.masking_utils import create_causal_mask
 
 from .config import PromptGradientProjectionConfig
-from .model import PGPModel
-
-__all__ = ["CLIPPGPModel", "load_clip_tokenizer"]
-
-# The tokenizer handed to `CLIPPGPModel.from_pretrained`, seen by the constructor that the inherited
-# `PGPModel.from_pretrained` calls as `cls(config, base_model=..., attn_implementation=...)`.
-_PENDING_TOKENIZER: contextvars.ContextVar[Any] = contextvars.ContextVar("pgp_clip_tokenizer", default=None)
 
 CONTEXT_INIT_STD = 0.02  # CoOp
+
+
+class LinearHead(nn.Linear):
+    """features (B, D) -> logits (B, C); saved as `head.weight`, `head.bias`."""
+
+    def __init__(self, hidden_size: int, num_classes: int) -> None:
+        super().__init__(hidden_size, num_classes)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        class_task: torch.Tensor | None = None,
+        task_id: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return super().forward(features.to(self.weight.dtype))
+
+    def begin_task(self, task_id: int) -> None:
+        """Nothing per task: the class mask restricts the logits."""
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"head.{name}": tensor for name, tensor in self.state_dict(keep_vars=True).items()}
 
 
 def _tokenizer_help(name: str | None) -> str:
     where = f"from {name!r}" if name else "(no base_model_name_or_path is set)"
     return (
-        f"CLIPPGPModel needs the CLIP tokenizer to build its class prompts and could not load it {where}. "
-        "Pass one explicitly: CLIPPGPModel(config, base_model=clip, tokenizer=CLIPTokenizer.from_pretrained("
-        "local_dir)) or CLIPPGPModel.from_pretrained(adapter, base_model=clip, tokenizer=...). A local copy of a "
+        f"CLIP-PGP needs the CLIP tokenizer to build its class prompts and could not load it {where}. "
+        "Pass one explicitly: PGPModel(config, base_model=clip, tokenizer=CLIPTokenizer.from_pretrained("
+        "local_dir)) or PGPModel.from_pretrained(adapter, base_model=clip, tokenizer=...). A local copy of a "
         "CLIP checkpoint (e.g. openai/clip-vit-base-patch16) holds the tokenizer files (tokenizer.json, or "
         "vocab.json + merges.txt)."
     )
@@ -84,51 +68,48 @@ def load_clip_tokenizer(name_or_path: str | None, revision: str | None = None):
         raise OSError(f"{_tokenizer_help(name_or_path)}\nUnderlying error: {error}") from error
 
 
-class CLIPPGPModel(PGPModel):
-    """PGP on a full `transformers.CLIPModel`: shared image prompt + per-task CoOp text contexts.
+class TextContextHead(nn.Module):
+    """CLIP's text side as a head: a CoOp context per task, logits = scaled cosine to class texts.
+
+    Class c is described by `[SOS, context of the task that introduced c, tokens of
+    text_template.format(name), EOS, pad]` (CoOp's "X X ... X {name}." with the X's replaced by learned
+    vectors) and encoded by CLIP's frozen text transformer (causal mask, pooled at EOS,
+    `text_projection`). The image feature is `visual_projection` of the method's features (the
+    post-LayerNorm CLS of the prompted pass). Logits = exp(logit_scale) · cos(image, class text).
+
+    Contexts are stored one `nn.Parameter` per task (saved as `text_contexts.{t}`, shape (L_ctx, H_text))
+    rather than one (T, L_ctx, H_text) tensor: `begin_task(t)` makes only context t trainable, so an
+    optimizer with weight decay (the recipe's SGD uses 5e-4 / 2e-4) cannot shrink the contexts of
+    finished tasks. `text_context` gives the stacked (T, L_ctx, H_text) view. The contexts are not
+    projected by PGP.
+
+    How many contexts: `config.num_tasks` if set, else `num_classes` (every task introduces at least
+    one class, so there are never more tasks than classes; unused contexts cost L_ctx·H_text floats).
 
     Args:
-        config: a `method="clip"` config with `class_names` (class-order names, one per class).
-        base_model: the CLIPModel (loaded from `config.base_model_name_or_path` if None).
-        attn_implementation: `"pgp_sdpa"` / `"pgp_eager"` for the vision tower.
-        tokenizer: the CLIP tokenizer (loaded from `config.base_model_name_or_path` if None).
-
-    Attributes:
-        text_contexts: `nn.ParameterList` of `max_tasks` contexts (L_ctx, H_text).
-        max_tasks: number of task contexts.
+        clip: the full `transformers.CLIPModel` (kept as a reference, not a submodule: it belongs to
+            the backbone).
+        config: the CLIP method's config (`class_names`, `text_context_length`, `text_template`).
+        num_classes: C.
+        tokenizer: the CLIP tokenizer (loaded from `config.base_model_name_or_path` if None); only used
+            here, to tokenize the class prompts once.
     """
 
     def __init__(
-        self,
-        config: PromptGradientProjectionConfig,
-        base_model: nn.Module | None = None,
-        attn_implementation: str | None = None,
-        tokenizer: Any = None,
+        self, clip: CLIPModel, config: PromptGradientProjectionConfig, num_classes: int, tokenizer: Any = None
     ) -> None:
-        if config.method != "clip":
-            raise ValueError(f"CLIPPGPModel needs method='clip', got {config.method!r}; use PGPModel")
-        if not config.class_names:
-            raise ValueError(
-                "PromptGradientProjectionConfig.class_names: CLIP-PGP builds its text prompts from readable "
-                "class names, one per class in class order. Set class_names=[...] in the config (or the "
-                "recipe's `class_names`), e.g. from the dataset's ClassLabel: "
-                "dataset.features['label'].names."
-            )
-        if tokenizer is None:
-            tokenizer = _PENDING_TOKENIZER.get()
-        if tokenizer is None:
-            # Before loading the backbone, so a missing tokenizer fails fast.
-            name = config.base_model_name_or_path or getattr(base_model, "name_or_path", None) or None
-            tokenizer = load_clip_tokenizer(name, config.revision)
-        super().__init__(config, base_model=base_model, attn_implementation=attn_implementation)
-        if not isinstance(self.backbone.model, CLIPModel):
+        super().__init__()
+        if not isinstance(clip, CLIPModel):
             raise TypeError(
-                f"CLIP-PGP needs a full transformers.CLIPModel (vision + text towers), got "
-                f"{type(self.backbone.model).__name__}"
+                f"CLIP-PGP needs a full transformers.CLIPModel (vision + text towers), got {type(clip).__name__}"
             )
-        clip = self.backbone.model
+        if tokenizer is None:
+            name = config.base_model_name_or_path or getattr(clip, "name_or_path", None) or None
+            tokenizer = load_clip_tokenizer(name, config.revision)
+        self.__dict__["clip"] = clip  # a reference: the weights belong to the backbone
+        self.config = config
         text_hidden = clip.text_model.config.hidden_size
-        self.max_tasks = int(getattr(config, "num_tasks", None) or self.num_classes)
+        self.max_tasks = int(config.num_tasks or num_classes)
         self.text_contexts = nn.ParameterList(
             [
                 nn.Parameter(
@@ -141,15 +122,16 @@ class CLIPPGPModel(PGPModel):
             context.requires_grad_(task == 0)
         self._build_class_prompts(tokenizer)
 
-    # ------------------------------------------------------------------ structure
-    @property
-    def clip(self) -> CLIPModel:
-        return self.backbone.model
+    clip: CLIPModel
 
     @property
     def text_context(self) -> torch.Tensor:
         """All task contexts stacked: (max_tasks, L_ctx, H_text)."""
         return torch.stack(list(self.text_contexts))
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """`text_contexts.{t}` (the names pgp_peft 0.1.0 saved); the token-id buffers are rebuilt."""
+        return {f"text_contexts.{task}": context for task, context in enumerate(self.text_contexts)}
 
     def _build_class_prompts(self, tokenizer) -> None:
         """Tokenize `text_template.format(name)` once per class; store the ids around the context slot.
@@ -240,46 +222,35 @@ class CLIPPGPModel(PGPModel):
         pooled = hidden[rows, eos_index.to(hidden.device)]
         return self.clip.text_projection(pooled)
 
-    def class_prompt_embeddings(self) -> torch.Tensor:
+    def class_prompt_embeddings(self, class_task: torch.Tensor) -> torch.Tensor:
         """(C, 1 + L_ctx + S, H_text): [SOS, context of the class's task, name tokens, EOS, pad] per class.
 
         Class c uses the context of the task that introduced it (`class_task[c]`); classes not seen yet use
         context 0 (their logits are masked unless class_mask='all').
         """
         embedding = self.clip.text_model.embeddings.token_embedding
-        tasks = self.class_task.clamp(min=0)
+        tasks = class_task.clamp(min=0)
         context = self.text_context.to(embedding.weight.dtype)[tasks]
         return torch.cat([embedding(self.text_prefix_ids), context, embedding(self.text_suffix_ids)], dim=1)
 
-    def class_text_features(self) -> torch.Tensor:
+    def class_text_features(self, class_task: torch.Tensor) -> torch.Tensor:
         """(C, P) text features of every class (not normalised)."""
-        return self.encode_text_embeddings(self.class_prompt_embeddings(), self.text_eos_index)
+        return self.encode_text_embeddings(self.class_prompt_embeddings(class_task), self.text_eos_index)
 
-    # ------------------------------------------------------------------ image side
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, P) image features of the prompted pass: visual_projection(post_layernorm(CLS))."""
-        cls_states, _ = self.forward_features(pixel_values)
-        return self.backbone.project_image_features(cls_states)
+    def image_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, D) post-LayerNorm CLS states -> (B, P) CLIP image embeddings (`visual_projection`)."""
+        return self.clip.visual_projection(features)
 
-    @torch.no_grad()
-    def clip_memory_rows(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) what the image prompt meets: the vision embeddings output (CLS + patches, position
-        embeddings added, before `pre_layrnorm`), without prompts. The rows PGP's image-prompt basis is
-        built from (the reference's `act['rep']`)."""
-        recorded: list[torch.Tensor] = []
-
-        def record(tokens: torch.Tensor) -> None:
-            recorded.append(tokens.detach())
-
-        self.forward_features(pixel_values, token_recorder=record)
-        return recorded[0]
-
-    # ------------------------------------------------------------------ logits
-    def compute_logits(self, features: torch.Tensor, task_id=None) -> torch.Tensor:
+    def forward(
+        self,
+        features: torch.Tensor,
+        class_task: torch.Tensor,
+        task_id: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """features (B, D) post-LayerNorm CLS -> logits (B, C) = exp(logit_scale) · cosine similarity."""
         self._check_context_trainable(task_id)
-        image = nn.functional.normalize(self.backbone.project_image_features(features), dim=-1)
-        text = nn.functional.normalize(self.class_text_features(), dim=-1)
+        image = nn.functional.normalize(self.image_features(features), dim=-1)
+        text = nn.functional.normalize(self.class_text_features(class_task), dim=-1)
         scale = self.clip.logit_scale.exp()
         return scale * image @ text.to(image.dtype).t()
 
@@ -292,35 +263,17 @@ class CLIPPGPModel(PGPModel):
                 raise ValueError(f"task {task} has no text context (max_tasks={self.max_tasks})")
             if not self.text_contexts[task].requires_grad:
                 warnings.warn(
-                    f"CLIPPGPModel: training task {task} but its text context is frozen; call "
+                    f"CLIP-PGP: training task {task} but its text context is frozen; call "
                     f"model.begin_task({task}) before building the task's optimizer",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
 
-    # ------------------------------------------------------------------ continual bookkeeping
     def begin_task(self, task_id: int) -> None:
         """Make only context `task_id` trainable (old contexts stay fixed, also under weight decay)."""
         if not 0 <= int(task_id) < self.max_tasks:
             raise ValueError(
                 f"task {task_id} has no text context: this model holds {self.max_tasks} (one per task; "
-                "config.num_tasks, or num_classes when the config has no such field)"
+                "config.num_tasks, or num_classes when it is not set)"
             )
-        super().begin_task(task_id)
         for task, context in enumerate(self.text_contexts):
             context.requires_grad_(task == int(task_id))
-
-    # ------------------------------------------------------------------ save / load
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *,
-        tokenizer: Any = None,
-        **kwargs: Any,
-    ) -> CLIPPGPModel:
-        """`PGPModel.from_pretrained` plus `tokenizer=` (else loaded from the recorded base model)."""
-        token = _PENDING_TOKENIZER.set(tokenizer)
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        finally:
-            _PENDING_TOKENIZER.reset(token)
