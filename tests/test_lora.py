@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,10 +14,14 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPModel
 
-from pgp_peft import PGPModel, PromptGradientProjectionConfig, get_pgp_model
-from pgp_peft.backbones import build_backbone
-from pgp_peft.memory import update_memory
-from pgp_peft.methods.lora import LoraPGPConfig, LoraPGPMethod
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+
+import tiny_cl  # noqa: E402
+
+from pgp_peft import PGPModel, PromptGradientProjectionConfig, get_pgp_model  # noqa: E402
+from pgp_peft.backbones import build_backbone  # noqa: E402
+from pgp_peft.memory import update_memory  # noqa: E402
+from pgp_peft.methods.lora import LoraPGPConfig, LoraPGPMethod  # noqa: E402
 
 Config = PromptGradientProjectionConfig
 
@@ -292,3 +299,27 @@ def test_saved_lora_adapter_loads_in_peft_and_in_pgp_peft(tiny_vit, pixel_values
     loaded(pixel_values, labels=torch.tensor([2, 3, 2, 3]), task_id=1).loss.backward()
     loaded.project_gradients_()
     assert all(p.grad is not None for p, _, _ in loaded.method.protected_slices())
+
+
+def test_lora_run_resumed_from_a_task_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    """ContinualTrainer with LoRA-PGP: 3 tasks in one go vs task 0, then a fresh process state (new model,
+    new trainer) resuming from checkpoint-task-0: the same accuracies, bases and LoRA weights."""
+    splits = tiny_cl.make_splits(num_tasks=3)
+    adam = dict(optim="adamw_torch", learning_rate=0.01, weight_decay=0.0, num_train_epochs=1)
+
+    def run(output_dir, resume: bool):
+        model = tiny_cl.make_model("lora", num_classes=6, project_update=True)
+        trainer = tiny_cl.make_trainer(model, splits, str(output_dir), **adam)
+        return model, trainer.train_continual(resume_from_checkpoint=True if resume else None)
+
+    full_model, full = run(tmp_path / "full", resume=False)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-task-0", resumed_dir / "checkpoint-task-0")
+    model, resumed = run(resumed_dir, resume=True)
+    assert resumed.accuracy.to_dict() == full.accuracy.to_dict()
+    assert resumed.memory_ranks == full.memory_ranks
+    expected = full_model.adapter_state_dict()
+    assert [k for k, v in model.adapter_state_dict().items() if not torch.equal(v, expected[k])] == []
+    lora_b = expected["lora.layers.4.attention.v_proj.lora_B.weight"]
+    assert float(lora_b.abs().sum()) > 0  # the LoRA matrices did train
