@@ -34,16 +34,18 @@ moves and later tasks learn through A in the null space of U (measured in benchm
 The paper has no LoRA variant of its sample-space ("reference") memory, so `projection_space` must be
 `"feature"`.
 
-Saving: `save_peft_files(directory)` writes `adapter_config.json` + `adapter_model.safetensors` in the
-exact layout `peft.PeftModel.save_pretrained` uses, so `PeftModel.from_pretrained(base_model, directory)`
-loads the LoRA weights (merge and serve them anywhere peft runs).
+Saving: model.safetensors holds the LoRA matrices as `lora.<path>.lora_A.weight` / `lora.<path>.lora_B.weight`
+next to the head, the bases and the class map (what `PGPModel.from_pretrained` and checkpoint resume load,
+strictly); `save_extra` adds the same weights as `adapter_config.json` + `adapter_model.safetensors` in
+the exact layout `peft.PeftModel.save_pretrained` uses, so `PeftModel.from_pretrained(base_model, folder)`
+loads them (merge and serve them anywhere peft runs). The backbone passed in is modified in place (LoRA
+layers injected), as peft does; a backbone that already carries peft adapters is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,7 +56,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from peft.utils.constants import CONFIG_NAME as PEFT_CONFIG_NAME
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME as PEFT_WEIGHTS_NAME
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..backbones import VisionBackbone
@@ -299,19 +301,15 @@ class LoraPGPMethod(PGPMethod):
             tensors[f"lora.{path}.lora_B.weight"] = b
         return tensors
 
-    def save_extra(self, directory: Path) -> None:
-        """The LoRA weights in peft's layout, for `peft.PeftModel.from_pretrained(base_model, directory)`."""
-        self.save_peft_files(directory)
-
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA weights keyed as in a peft adapter file ("base_model.model.<path>.lora_A.weight")."""
         state = get_peft_model_state_dict(self.backbone.model, adapter_name=ADAPTER_NAME)
         return {PEFT_KEY_PREFIX + key: tensor.detach().contiguous().clone() for key, tensor in state.items()}
 
-    def save_peft_files(self, directory: str | os.PathLike) -> None:
-        """Write `adapter_config.json` + `adapter_model.safetensors` as `PeftModel.save_pretrained` does."""
+    def save_extra(self, directory: Path) -> None:
+        """Write the LoRA weights in peft's layout (`adapter_config.json` + `adapter_model.safetensors`, as
+        `PeftModel.save_pretrained` does), for `peft.PeftModel.from_pretrained(base_model, directory)`."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         save_file(self.lora_state_dict(), str(directory / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
         payload = self.peft_config.to_dict()
         # peft writes target_modules sets as sorted lists; keep the JSON deterministic the same way.
@@ -319,31 +317,3 @@ class LoraPGPMethod(PGPMethod):
             payload["target_modules"] = sorted(payload["target_modules"])
         payload["peft_type"] = str(self.peft_config.peft_type.value)
         atomic_write_text(directory / PEFT_CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=True) + "\n")
-
-    @torch.no_grad()
-    def load_peft_files(self, directory: str | os.PathLike) -> None:
-        """Strictly load `adapter_model.safetensors` from `directory` into the injected layers.
-
-        Missing, unexpected or mis-shaped tensors raise `ValueError` naming them (a peft loader would only
-        warn, leaving randomly initialised A matrices in place)."""
-        path = Path(directory) / PEFT_WEIGHTS_NAME
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{PEFT_WEIGHTS_NAME} not found in {directory}: not a LoRA-PGP adapter folder"
-            )
-        state = load_file(str(path))
-        expected = self.lora_state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{path}: missing LoRA tensors {missing}, unexpected {unexpected}")
-        for key, tensor in state.items():
-            if tuple(tensor.shape) != tuple(expected[key].shape):
-                raise ValueError(
-                    f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, this adapter needs "
-                    f"{tuple(expected[key].shape)} (r={self.config.r})"
-                )
-        for path_name in self._layers:
-            a, b = self.lora_weights(path_name)
-            a.copy_(state[f"{PEFT_KEY_PREFIX}{path_name}.lora_A.weight"])
-            b.copy_(state[f"{PEFT_KEY_PREFIX}{path_name}.lora_B.weight"])
