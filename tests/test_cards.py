@@ -1,8 +1,9 @@
-"""Model cards (pgp_peft.cards): metadata, body content and the template copies."""
+"""Model cards (pgp_peft.cards): metadata, body content and the packaged template."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,8 +15,6 @@ from huggingface_hub import HfApi, ModelCard, model_info
 from pgp_peft.cards import (
     PAPER_CITATION,
     build_model_card,
-    canonical_template_path,
-    packaged_template_path,
     template_path,
 )
 
@@ -202,12 +201,15 @@ def test_malformed_results_are_rejected() -> None:
         build_model_card(config=_config(), results=_results(), class_names=["a", "b"])
 
 
-def test_template_copies_are_identical() -> None:
-    """model_cards/ holds the canonical template; the packaged copy must not drift from it."""
-    canonical, packaged = canonical_template_path(), packaged_template_path()
-    assert canonical.is_file() and packaged.is_file()
-    assert canonical.read_bytes() == packaged.read_bytes(), f"copy {canonical} to {packaged}"
-    assert template_path() == canonical
+def test_one_template_ships_in_the_package() -> None:
+    """The packaged template is the only copy; the repository's model_cards/ points to it."""
+    import pgp_peft
+
+    packaged = Path(pgp_peft.__file__).parent / "templates" / "pgp_model_card.md"
+    assert template_path() == packaged.resolve() and packaged.read_text().startswith("---\n{{ card_data }}")
+    pointer = Path(__file__).resolve().parents[1] / "model_cards" / "README.md"
+    assert "src/pgp_peft/templates/pgp_model_card.md" in pointer.read_text()
+    assert sorted(p.name for p in pointer.parent.iterdir()) == ["README.md"]
 
 
 def test_card_round_trips_through_the_hub(local_hub_server: LocalHub) -> None:

@@ -141,10 +141,8 @@ def test_tokenizer_loaded_from_base_model_directory(clip, tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     pgp = PGPModel(make_config(base_model_name_or_path=str(tmp_path)), base_model=clip)
     expected = tokenizer("cat.")["input_ids"]
-    assert (
-        pgp.head.text_prefix_ids[0].tolist() + pgp.head.text_suffix_ids[0, : len(expected) - 1].tolist()
-        == expected
-    )
+    ids = pgp.head.text_input_ids[0].tolist()
+    assert ids[:1] + ids[1 + CONTEXT : CONTEXT + len(expected)] == expected
 
 
 def test_needs_full_clip_model_and_short_enough_prompts(clip_template, tokenizer):
@@ -192,14 +190,14 @@ def test_memory_rows_are_the_embeddings_the_prompt_meets(model):
 
 
 # ------------------------------------------------------------------ text side
-def test_text_path_reproduces_get_text_features_bitwise(model, tokenizer):
-    ids, expected = plain_text_features(model.backbone.model, tokenizer, ["cat.", "aquarium fish.", "a bee."])
-    eos = (ids == tokenizer.eos_token_id).int().argmax(-1)
+def test_context_hook_is_inert_outside_class_prompts(model, clip_template, tokenizer):
+    """The hook on token_embedding changes nothing for other callers of the text tower, also after use."""
+    ids, expected = plain_text_features(clip_template, tokenizer, ["cat.", "aquarium fish.", "a bee."])
     with torch.no_grad():
-        got = model.head.encode_text_embeddings(
-            model.backbone.model.text_model.embeddings.token_embedding(ids), eos
-        )
+        model.head.class_text_features(model.class_task)
+        got = model.backbone.model.get_text_features(ids).pooler_output
     assert torch.equal(got, expected)
+    assert model.head._pending_contexts is None
 
 
 def test_class_prompts_are_sos_context_name_eos(model, tokenizer):

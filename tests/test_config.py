@@ -12,7 +12,7 @@ from pgp_peft.model import PGPModel
 Config = PromptGradientProjectionConfig
 
 
-# ----------------------------------------------------------------------------- presets (RECIPES.md)
+# ----------------------------------------------------------------------------- presets (docs/RECIPES.md)
 def test_l2p_preset_has_paper_values():
     c = Config.l2p()
     assert c.method == "l2p"

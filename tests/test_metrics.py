@@ -170,3 +170,65 @@ def test_plots_write_png_files(tmp_path) -> None:
         "plot_accuracy_curves.png",
         "plot_accuracy_matrix.png",
     ]
+
+
+# ------------------------------------------------------------------ the packaged `evaluate` metric
+@pytest.fixture(scope="module")
+def evaluate_metric():
+    """Loaded with `evaluate.load(<folder>)` while every socket connection fails (offline)."""
+    import socket
+
+    import evaluate
+
+    from pgp_peft.metrics import CONTINUAL_LEARNING_METRIC
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access during evaluate.load")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", refuse)
+        return evaluate.load(str(CONTINUAL_LEARNING_METRIC), keep_in_memory=True)
+
+
+PARTIAL = np.array([[90.0, 80.0, NAN], [NAN, 85.0, NAN], [NAN, NAN, NAN]])  # run stopped after task 1
+GAP = np.array([[90.0, NAN, 60.0], [NAN, 70.0, 65.0], [NAN, NAN, 80.0]])  # task 0 not measured after task 1
+
+
+@pytest.mark.parametrize(
+    "matrix, after_task",
+    [
+        (DROPPING, None),
+        (IMPROVING, None),
+        (IMPROVING, 1),
+        (np.array([[88.0]]), None),
+        (PARTIAL, None),
+        (GAP, None),
+    ],
+)
+def test_evaluate_metric_equals_summarize(evaluate_metric, matrix, after_task) -> None:
+    as_lists = [
+        [None if math.isnan(v) else float(v) for v in row] for row in matrix
+    ]  # None and NaN both work
+    for given in (matrix.tolist(), as_lists):
+        assert evaluate_metric.compute(accuracy_matrix=given, after_task=after_task) == summarize(
+            matrix, after_task
+        )
+    scores = evaluate_metric.compute(accuracy_matrix=IMPROVING.tolist())
+    assert scores["forgetting_paper"] == pytest.approx(5.0) and scores[
+        "forgetting_reference"
+    ] == pytest.approx(10.0)
+
+
+def test_evaluate_metric_rejects_bad_matrices(evaluate_metric) -> None:
+    with pytest.raises(ValueError, match="square"):
+        evaluate_metric.compute(accuracy_matrix=[[90.0, 80.0], [70.0]])
+    with pytest.raises(ValueError, match="not evaluated after training task 1"):
+        evaluate_metric.compute(accuracy_matrix=[[90.0, NAN], [NAN, 70.0]])
+
+
+def test_evaluate_metric_ships_with_a_card() -> None:
+    from pgp_peft.metrics import CONTINUAL_LEARNING_METRIC
+
+    card = (CONTINUAL_LEARNING_METRIC / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\n") and "forgetting_reference" in card
+    assert (CONTINUAL_LEARNING_METRIC / f"{CONTINUAL_LEARNING_METRIC.name}.py").is_file()

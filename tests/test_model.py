@@ -1,4 +1,5 @@
-"""PGPModel and VisionBackbone behaviour on a tiny random ViT (ALGORITHM.md §4, §7 item 7)."""
+"""PGPModel and VisionBackbone behaviour on a tiny random ViT (docs/ALGORITHM.md §4, §7 item 7); every
+backbone family: tests/test_backbone_families.py."""
 
 from __future__ import annotations
 

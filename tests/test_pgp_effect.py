@@ -1,4 +1,4 @@
-"""PGP through the real `ContinualTrainer` (ALGORITHM.md §7 items 3-6) on a tiny random ViT.
+"""PGP through the real `ContinualTrainer` (docs/ALGORITHM.md §7 items 3-6) on a tiny random ViT.
 
 What is measured:
 - no projection while the first task trains (the memory is empty, gradients untouched);

@@ -440,6 +440,22 @@ def test_override_values_are_parsed_and_typed():
         apply_overrides(recipe, ["training.epochs"])
 
 
+def test_report_to_reaches_the_training_arguments(tmp_path):
+    recipe = load_recipe("l2p_cifar100_10")
+    assert build_training_arguments(recipe, str(tmp_path)).report_to == []  # default "none"
+    for override, expected in [
+        ("training.report_to=tensorboard", ["tensorboard"]),
+        ("report_to=tensorboard,mlflow", ["tensorboard", "mlflow"]),  # the CLI form of a list
+        ("training.report_to=none", []),
+    ]:
+        args = build_training_arguments(apply_overrides(recipe, [override]), str(tmp_path))
+        assert args.report_to == expected, override
+    in_a_file = {**recipe, "training": {**recipe["training"], "report_to": ["tensorboard", "wandb"]}}
+    assert build_training_arguments(in_a_file, str(tmp_path)).report_to == ["tensorboard", "wandb"]
+    with pytest.raises(ValueError, match=r"training.report_to: unknown tracker\(s\) \['tensorbord'\]"):
+        build_training_arguments(apply_overrides(recipe, ["training.report_to=tensorbord"]), str(tmp_path))
+
+
 def test_cli_flags_reach_the_recipe(monkeypatch, restore_logging):
     """--no-pgp (the baseline), hub flags and --key=value overrides, without training."""
     import pgp_peft.runner as runner

@@ -395,3 +395,40 @@ def test_resume_with_another_class_order_is_refused(tmp_path):
     trainer = tiny_cl.make_trainer(tiny_cl.make_model("l2p", num_classes=4), reordered, str(tmp_path))
     with pytest.raises(ValueError, match="another split"):
         trainer.train_continual(resume_from_checkpoint=True)
+
+
+# ---------------------------------------------------------------------------------- trackers
+def test_continual_metrics_reach_tensorboard_stepped_by_task(tmp_path):
+    """report_to=tensorboard: after each task the seen tasks' accuracies, the averages, both forgetting
+    definitions and the memory ranks are TensorBoard scalars at step t + 1, the heat map an image."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    splits = tiny_cl.make_splits(num_tasks=3, train_per_class=4, test_per_class=3)
+    model = tiny_cl.make_model("l2p", num_classes=6)
+    trainer = tiny_cl.make_trainer(
+        model, splits, str(tmp_path), num_train_epochs=1, report_to=["tensorboard"], **ADAM
+    )
+    result = trainer.train_continual()
+
+    (run,) = {path.parent for path in (tmp_path / "runs").rglob("events.out.tfevents.*")}
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+
+    def series(tag: str) -> dict[int, float]:
+        return {event.step: event.value for event in events.Scalars(tag)}
+
+    values = result.accuracy.values
+    averages = [float(np.mean(values[: t + 1, t])) for t in range(3)]
+    assert series("eval/average_accuracy") == pytest.approx(dict(zip([1, 2, 3], averages)))
+    for i in range(3):  # task i's accuracy is logged from the task it was learned on
+        assert series(f"eval/accuracy_task_{i}") == pytest.approx({t + 1: values[i, t] for t in range(i, 3)})
+    assert series("eval/forgetting_paper")[3] == pytest.approx(result.summary["forgetting_paper"])
+    assert series("eval/forgetting_reference")[3] == pytest.approx(result.summary["forgetting_reference"])
+    assert series("eval/task_il_average_accuracy")[3] == pytest.approx(
+        result.summary["task_il"]["average_accuracy"]
+    )
+    for name in model.memory.names:
+        assert series(f"eval/memory_rank_{name}") == {t + 1: result.memory_ranks[t][name] for t in range(3)}
+    images = events.Images("eval/accuracy_matrix")
+    assert [image.step for image in images] == [1, 2, 3] and min(images[-1].width, images[-1].height) > 100
+    assert trainer.state.log_history[-1]["task"] == 2

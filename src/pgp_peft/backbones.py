@@ -32,7 +32,9 @@ the features are the CLS output and the distillation token is left to the backbo
 head: `DeiTModel`, not `DeiTForImageClassificationWithTeacher`). SigLIP has no CLS token: prompts go
 first, `[prompts, patches]`, and the query and the token features are the mean of the patch outputs
 (prompts excluded), the same rule for the frozen query and for the prompted features; SigLIP's own
-attention-pooling head is not used (it would attend over the prompts too).
+attention-pooling head is not used (it would attend over the prompts too). SigLIP's attention does not
+pass forward kwargs to the attention function (transformers 5.24), so attention prefixes (DualPrompt)
+are refused on it with a `TypeError`; prompt tokens (L2P) work.
 
 `load_backbone` loads a supported checkpoint by name (Hub id, local folder or a built-in name).
 """
@@ -41,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +150,13 @@ class BackboneFamily:
         share, or None (prompt tokens get no position embedding).
     final_norm: LayerNorm the model applies only to its pooled token, to be applied to every token
         here (CLIP's `post_layernorm`); None when `last_hidden_state` is already normalised.
+    model_type: `config.model_type` of the checkpoints `load_backbone` loads as this family (None: not
+        loadable by name; pass the model).
+    load_kwargs: extra `from_pretrained` kwargs (ViT, DeiT: no pooler, the adapter does not use it).
     has_text_tower: the model also has a text tower (CLIPModel).
+    passes_attention_kwargs: the model hands forward kwargs down to its attention function, which is
+        how prefixes reach attention and queries are recorded (SigLIP's attention does not, in
+        transformers 5.24: prefix methods refuse SigLIP with a clear error rather than run unprompted).
     """
 
     name: str
@@ -160,7 +168,10 @@ class BackboneFamily:
     num_special_tokens: int
     prompt_position_embedding: str | None
     final_norm: str | None
+    model_type: str | None = None
+    load_kwargs: dict[str, Any] = field(default_factory=dict)
     has_text_tower: bool = False
+    passes_attention_kwargs: bool = True
 
 
 BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
@@ -174,6 +185,8 @@ BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
         num_special_tokens=1,
         prompt_position_embedding="embeddings.position_embeddings",
         final_norm=None,
+        model_type="vit",
+        load_kwargs={"add_pooling_layer": False},
     ),
     BackboneFamily(
         name="deit",
@@ -185,6 +198,8 @@ BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
         num_special_tokens=2,
         prompt_position_embedding="embeddings.position_embeddings",
         final_norm=None,
+        model_type="deit",
+        load_kwargs={"add_pooling_layer": False},
     ),
     BackboneFamily(
         name="dinov2",
@@ -196,6 +211,7 @@ BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
         num_special_tokens=1,
         prompt_position_embedding="embeddings.position_embeddings",
         final_norm=None,
+        model_type="dinov2",
     ),
     BackboneFamily(
         name="clip",
@@ -208,6 +224,7 @@ BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
         prompt_position_embedding=None,
         final_norm="post_layernorm",
         has_text_tower=True,
+        model_type="clip",
     ),
     BackboneFamily(
         name="clip_vision",
@@ -219,6 +236,7 @@ BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
         num_special_tokens=1,
         prompt_position_embedding=None,
         final_norm="post_layernorm",
+        model_type="clip_vision_model",
     ),
     BackboneFamily(
         name="siglip",
@@ -230,6 +248,8 @@ BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
         num_special_tokens=0,
         prompt_position_embedding=None,
         final_norm=None,
+        passes_attention_kwargs=False,
+        model_type="siglip_vision_model",
     ),
 )
 
@@ -244,6 +264,11 @@ def backbone_family(model: nn.Module) -> BackboneFamily:
             return family
     names = ", ".join(cls.__name__ for family in BACKBONE_FAMILIES for cls in family.model_classes)
     raise TypeError(f"pgp_peft supports {names}; got {type(model).__name__}")
+
+
+def family_of_model_type(model_type: str) -> BackboneFamily | None:
+    """The family whose checkpoints have `config.model_type == model_type`, or None."""
+    return next((family for family in BACKBONE_FAMILIES if family.model_type == model_type), None)
 
 
 def _get(module: Any, path: str) -> Any:
@@ -373,6 +398,13 @@ class VisionBackbone(nn.Module):
         LayerNorm (CLIP: `post_layernorm`, which CLIP applies to the pooled token, applied to all)."""
         query_recorder = query_recorder or self._recorders.query_recorder
         token_recorder = token_recorder or self._recorders.token_recorder
+        has_prefix = any(key.shape[1] for key, _ in (prefixes or {}).values())
+        if (has_prefix or query_recorder is not None) and not self.family.passes_attention_kwargs:
+            raise TypeError(
+                f"{type(self.vision).__name__} does not pass forward kwargs to its attention function, so "
+                "attention prefixes (DualPrompt) and query recording cannot reach it; use a method that "
+                "inserts prompt tokens (L2P) on this backbone"
+            )
         kwargs = {}
         if prefixes:
             kwargs[PREFIX_KWARG] = prefixes
@@ -447,20 +479,10 @@ def resolve_builtin(name: str | None) -> str | None:
     return name
 
 
-# config.model_type -> (model class, extra from_pretrained arguments). ViT and DeiT without their pooler.
-LOADABLE_MODEL_TYPES: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
-    "vit": (ViTModel, {"add_pooling_layer": False}),
-    "deit": (DeiTModel, {"add_pooling_layer": False}),
-    "dinov2": (Dinov2Model, {}),
-    "clip": (CLIPModel, {}),
-    "siglip_vision_model": (SiglipVisionModel, {}),
-}
-
-
 def load_backbone(
     name: str | None, revision: str | None = None, config_overrides: dict[str, Any] | None = None
 ) -> nn.Module:
-    """Load a frozen-backbone candidate (`LOADABLE_MODEL_TYPES`) from a Hub id, a local folder or a
+    """Load a frozen backbone of a `BACKBONE_FAMILIES` model type from a Hub id, a local folder or a
     built-in name, with `config_overrides` (e.g. layer_norm_eps) applied to its config."""
     name = resolve_builtin(name)
     if not name:
@@ -472,9 +494,11 @@ def load_backbone(
 
     try:
         config = AutoConfig.from_pretrained(name, revision=revision, **(config_overrides or {}))
-        if config.model_type in LOADABLE_MODEL_TYPES:
-            model_class, extra = LOADABLE_MODEL_TYPES[config.model_type]
-            return model_class.from_pretrained(name, revision=revision, config=config, **extra)
+        family = family_of_model_type(config.model_type)
+        if family is not None:
+            return family.model_classes[0].from_pretrained(
+                name, revision=revision, config=config, **family.load_kwargs
+            )
     except OSError as error:
         raise OSError(
             f"could not load the base model {name!r} at revision {revision!r}: {error}\n"
@@ -482,7 +506,8 @@ def load_backbone(
             "PGPModel.from_pretrained(repo, base_model=ViTModel.from_pretrained(local_dir))"
         ) from error
     raise TypeError(
-        f"base model {name!r} is a {config.model_type!r} model; pgp_peft loads {sorted(LOADABLE_MODEL_TYPES)}"
+        f"base model {name!r} is a {config.model_type!r} model; pgp_peft loads "
+        f"{[family.model_type for family in BACKBONE_FAMILIES if family.model_type]}"
     )
 
 

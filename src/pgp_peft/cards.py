@@ -1,9 +1,8 @@
 """Model cards for pgp_peft adapters: Hub metadata (tags, base model, model-index) and a readable body.
 
-The card text lives in a Jinja template, ``model_cards/pgp_model_card.md`` at the top of the repository
-(the canonical copy, edited there), mirrored in the package as ``pgp_peft/templates/pgp_model_card.md`` so
-installed (non-editable) copies can render cards too; a test keeps the two identical. Jinja2 is what
-``huggingface_hub.ModelCard.from_template`` uses; it is installed with torch.
+The card text lives in one Jinja template shipped in the package, ``pgp_peft/templates/pgp_model_card.md``
+(``model_cards/`` of the repository points to it). Jinja2 is what ``huggingface_hub.ModelCard.from_template``
+uses; it is installed with torch. The method's wording comes from its `MethodCard` (`pgp_peft.methods`).
 
 Everything numeric is pre-formatted here; the template only lays it out.
 """
@@ -17,12 +16,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .methods import available_methods, get_method
+from .metrics import matrix_to_markdown
 
 __all__ = [
     "LIBRARY_NAME",
@@ -33,8 +33,6 @@ __all__ = [
     "build_model_card",
     "card_kwargs_from_results",
     "card_kwargs_from_run",
-    "canonical_template_path",
-    "packaged_template_path",
     "template_path",
 ]
 
@@ -57,29 +55,15 @@ _COMMON_SETTINGS: tuple[str, ...] = ("method", "base_model_name_or_path", "revis
 _PGP_SETTINGS: tuple[str, ...] = ("projection_space", "prompt_threshold", "key_threshold", "memory_samples")
 
 
-def canonical_template_path() -> Path:
-    """``model_cards/pgp_model_card.md`` of the source checkout (may not exist in an installed package)."""
-    return Path(__file__).resolve().parents[2] / "model_cards" / TEMPLATE_NAME
-
-
-def packaged_template_path() -> Path:
-    """The copy shipped inside the package (``pgp_peft/templates/pgp_model_card.md``)."""
-    return Path(__file__).resolve().parent / "templates" / TEMPLATE_NAME
-
-
 def template_path() -> Path:
-    """The template to render: the checkout's canonical copy when present, else the packaged one."""
-    canonical = canonical_template_path()
-    in_checkout = (canonical.parents[1] / "src" / LIBRARY_NAME).is_dir()
-    if in_checkout and canonical.is_file():
-        return canonical
-    packaged = packaged_template_path()
-    if packaged.is_file():
-        return packaged
-    raise FileNotFoundError(
-        f"Model card template not found at {canonical} or {packaged} "
-        "(is package-data 'templates/*.md' included in the build?)"
-    )
+    """The model-card template shipped in the package (``pgp_peft/templates/pgp_model_card.md``), the
+    only copy: ``model_cards/`` of the repository points to it."""
+    path = Path(__file__).resolve().parent / "templates" / TEMPLATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Model card template not found at {path} (is package-data 'templates/*.md' included in the build?)"
+        )
+    return path
 
 
 def build_model_card(
@@ -255,16 +239,8 @@ class _Summary:
         return [(label, f"{self.metrics[key]:.2f}") for key, label in labels if self.metrics[key] is not None]
 
     def matrix_table(self) -> str:
-        """Markdown table, same layout as ``pgp_peft.metrics.matrix_to_markdown``."""
-        header = ["task"] + [f"after {t}" for t in range(self.num_tasks)]
-        lines = [
-            "| " + " | ".join(header) + " |",
-            "|" + "|".join(["---"] + ["---:"] * self.num_tasks) + "|",
-        ]
-        for i, row in enumerate(self.matrix):
-            cells = [str(i)] + ["-" if value is None else f"{value:.2f}" for value in row]
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+        """Markdown table of the accuracy matrix (``pgp_peft.metrics.matrix_to_markdown``)."""
+        return matrix_to_markdown(np.array(self.matrix, dtype=np.float64))
 
 
 def _optional_float(value: Any) -> float | None:
@@ -276,8 +252,7 @@ def _optional_float(value: Any) -> float | None:
 
 
 def _is_hub_repo_id(name: Any) -> bool:
-    """Whether ``name`` is a valid Hub repo id (``huggingface_hub.utils.validate_repo_id``) and not an
-    existing local path."""
+    """Whether ``name`` is a valid Hub repo id (``validate_repo_id``) and not an existing local path."""
     if not isinstance(name, str):
         return False
     try:

@@ -7,13 +7,14 @@ by their saved names) and get `begin_task` calls.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import CLIPModel
-from transformers.masking_utils import create_causal_mask
 
 from .config import PromptGradientProjectionConfig
 
@@ -73,8 +74,11 @@ class TextContextHead(nn.Module):
 
     Class c is described by `[SOS, context of the task that introduced c, tokens of
     text_template.format(name), EOS, pad]` (CoOp's "X X ... X {name}." with the X's replaced by learned
-    vectors) and encoded by CLIP's frozen text transformer (causal mask, pooled at EOS,
-    `text_projection`). The image feature is `visual_projection` of the method's features (the
+    vectors) and encoded by `CLIPModel.get_text_features` itself (causal mask, pooled at EOS,
+    `text_projection`): the class prompts are tokenized once with placeholder ids in the context slots,
+    and a forward hook on the text tower's `token_embedding` replaces the placeholders' embeddings with
+    the task contexts while `class_text_features` runs (the hook is inert otherwise), so no transformers
+    internals are re-run. The image feature is `visual_projection` of the method's features (the
     post-LayerNorm CLS of the prompted pass). Logits = exp(logit_scale) · cos(image, class text).
 
     Contexts are stored one `nn.Parameter` per task (saved as `text_contexts.{t}`, shape (L_ctx, H_text))
@@ -121,6 +125,11 @@ class TextContextHead(nn.Module):
         for task, context in enumerate(self.text_contexts):
             context.requires_grad_(task == 0)
         self._build_class_prompts(tokenizer)
+        # (C, L_ctx, H_text) contexts the hook writes into the placeholder slots; None: hook inert.
+        self._pending_contexts: torch.Tensor | None = None
+        self._context_hook = clip.text_model.embeddings.token_embedding.register_forward_hook(
+            self._insert_contexts_hook
+        )
 
     clip: CLIPModel
 
@@ -134,11 +143,12 @@ class TextContextHead(nn.Module):
         return {f"text_contexts.{task}": context for task, context in enumerate(self.text_contexts)}
 
     def _build_class_prompts(self, tokenizer) -> None:
-        """Tokenize `text_template.format(name)` once per class; store the ids around the context slot.
+        """Tokenize `text_template.format(name)` once per class, with placeholders for the context.
 
-        Buffers (not saved; rebuilt from the class names): `text_prefix_ids` (C, 1) SOS,
-        `text_suffix_ids` (C, S) name tokens + EOS + padding, `text_eos_index` (C,) the pooled position in
-        the full sequence [SOS, context, suffix].
+        Buffer (not saved; rebuilt from the class names): `text_input_ids` (C, 1 + L_ctx + S)
+        `[SOS, SOS × L_ctx, name tokens, EOS, pad]`. The SOS id fills the context slots: the hook replaces
+        their embeddings, and it is neither the EOS CLIP pools at (non-legacy configs) nor larger than it
+        (legacy configs pool at the largest id), so CLIP's own pooling still lands on the EOS.
         """
         text_config = self.clip.text_model.config
         template = self.config.text_template
@@ -178,8 +188,7 @@ class TextContextHead(nn.Module):
                 f"({text_config.max_position_embeddings}); shorten text_context_length or the class name/template"
             )
         ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long)
-        # The position CLIPTextModel pools at, computed by its own rule on the plain prompt, then shifted
-        # by the context length (the context sits between SOS and the name).
+        # CLIPTextModel must pool at the EOS by its own rule (checked on the plain prompt).
         if text_config.eos_token_id == 2:  # legacy configs: the EOS is the largest id (see CLIPTextModel)
             # (openai/clip-* checkpoints): CLIPTextModel pools at argmax(input_ids).
             eos_index = ids.argmax(dim=-1)
@@ -190,7 +199,6 @@ class TextContextHead(nn.Module):
                     "checkpoint's own tokenizer."
                 )
         else:
-            eos_index = (ids == text_config.eos_token_id).int().argmax(dim=-1)
             missing = [
                 self.config.class_names[i]
                 for i in range(len(rows))
@@ -201,41 +209,48 @@ class TextContextHead(nn.Module):
                     f"the text model's eos_token_id={text_config.eos_token_id} does not occur in the prompts of "
                     f"{missing}; the tokenizer's EOS is {eos}. Use the checkpoint's own tokenizer."
                 )
-        self.register_buffer("text_prefix_ids", ids[:, :1].clone(), persistent=False)
-        self.register_buffer("text_suffix_ids", ids[:, 1:].clone(), persistent=False)
-        self.register_buffer("text_eos_index", eos_index + self.config.text_context_length, persistent=False)
+        if bos == text_config.eos_token_id:
+            raise ValueError(
+                f"the tokenizer's SOS id {bos} is the text model's eos_token_id: the context placeholders would "
+                "be pooled instead of the EOS. Use the checkpoint's own tokenizer."
+            )
+        context_slots = torch.full((len(rows), self.config.text_context_length), bos, dtype=torch.long)
+        full_ids = torch.cat([ids[:, :1], context_slots, ids[:, 1:]], dim=1)
+        self.register_buffer("text_input_ids", full_ids, persistent=False)
 
     # ------------------------------------------------------------------ text side
-    def encode_text_embeddings(self, inputs_embeds: torch.Tensor, eos_index: torch.Tensor) -> torch.Tensor:
-        """CLIP's text tower from token embeddings: inputs_embeds (N, S, H_text), eos_index (N,) -> (N, P).
+    def _insert_contexts_hook(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on `token_embedding`: output (C, 1 + L_ctx + S, H_text) with the placeholder rows
+        1 .. L_ctx replaced by the pending contexts (C, L_ctx, H_text). Inert when none are pending."""
+        contexts = self._pending_contexts
+        if contexts is None:
+            return output
+        if output.shape[0] != contexts.shape[0]:
+            raise ValueError(
+                f"the text tower was called with {output.shape[0]} sequences while {contexts.shape[0]} class "
+                "contexts were pending; only class_text_features() may run it with contexts"
+            )
+        length = contexts.shape[1]
+        return torch.cat([output[:, :1], contexts.to(output.dtype), output[:, 1 + length :]], dim=1)
 
-        `CLIPTextModel.forward` only takes input_ids, so this runs its submodules in the same order:
-        embeddings (+ positions), causal mask, encoder, final LayerNorm, EOS pooling, `text_projection`.
-        With `token_embedding(input_ids)` it reproduces `CLIPModel.get_text_features(input_ids)`.
-        """
-        text = self.clip.text_model
-        hidden = text.embeddings(inputs_embeds=inputs_embeds)
-        mask = create_causal_mask(config=text.config, inputs_embeds=hidden, attention_mask=None, cache=None)
-        hidden = text.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
-        hidden = text.final_layer_norm(hidden)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        pooled = hidden[rows, eos_index.to(hidden.device)]
-        return self.clip.text_projection(pooled)
+    @contextlib.contextmanager
+    def _contexts_inserted(self, contexts: torch.Tensor) -> Iterator[None]:
+        previous, self._pending_contexts = self._pending_contexts, contexts
+        try:
+            yield
+        finally:
+            self._pending_contexts = previous
 
-    def class_prompt_embeddings(self, class_task: torch.Tensor) -> torch.Tensor:
-        """(C, 1 + L_ctx + S, H_text): [SOS, context of the class's task, name tokens, EOS, pad] per class.
-
-        Class c uses the context of the task that introduced it (`class_task[c]`); classes not seen yet use
-        context 0 (their logits are masked unless class_mask='all').
-        """
-        embedding = self.clip.text_model.embeddings.token_embedding
-        tasks = class_task.clamp(min=0)
-        context = self.text_context.to(embedding.weight.dtype)[tasks]
-        return torch.cat([embedding(self.text_prefix_ids), context, embedding(self.text_suffix_ids)], dim=1)
+    def class_contexts(self, class_task: torch.Tensor) -> torch.Tensor:
+        """(C, L_ctx, H_text): the context of the task that introduced each class (`class_task[c]`);
+        classes not seen yet use context 0 (their logits are masked unless class_mask='all')."""
+        return self.text_context[class_task.clamp(min=0)]
 
     def class_text_features(self, class_task: torch.Tensor) -> torch.Tensor:
-        """(C, P) text features of every class (not normalised)."""
-        return self.encode_text_embeddings(self.class_prompt_embeddings(class_task), self.text_eos_index)
+        """(C, P) text features of every class (not normalised): `CLIPModel.get_text_features` of
+        `[SOS, context of the class's task, name tokens, EOS, pad]`."""
+        with self._contexts_inserted(self.class_contexts(class_task)):
+            return self.clip.get_text_features(input_ids=self.text_input_ids).pooler_output
 
     def image_features(self, features: torch.Tensor) -> torch.Tensor:
         """(B, D) post-LayerNorm CLS states -> (B, P) CLIP image embeddings (`visual_projection`)."""

@@ -3,7 +3,7 @@
 Streams a task's memory samples through the model (no grad, eval mode) and hands the resulting
 representations to `projection.py`:
 
-* feature mode (default, ALGORITHM.md §2): per space a D x D Gram matrix of token rows, summed over
+* feature mode (default, docs/ALGORITHM.md §2): per space a D x D Gram matrix of token rows, summed over
   batches (and over processes with `reduce_fn`), plus the old prompts' Gram for prompt spaces;
 * reference mode (§3): one flattened row per memory sample, PCA-reduced as in the authors' code.
 

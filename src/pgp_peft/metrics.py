@@ -1,6 +1,6 @@
 """Continual-learning metrics: the accuracy matrix, average accuracy, forgetting, BWT, plots.
 
-Conventions (ALGORITHM.md §5):
+Conventions (docs/ALGORITHM.md §5):
 
 - ``A[i, t]`` is the accuracy in percent (0..100) on task ``i``'s test set after training
   task ``t``; ``NaN`` where it was not measured (always for ``i > t``: task not yet seen).
@@ -14,6 +14,7 @@ Pure numpy; matplotlib is imported lazily inside the plotting functions (no pypl
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -30,7 +31,9 @@ __all__ = [
     "average_accuracy",
     "backward_transfer",
     "forgetting",
+    "CONTINUAL_LEARNING_METRIC",
     "format_matrix",
+    "load_continual_learning_metric",
     "matrix_to_markdown",
     "plot_accuracy_curves",
     "plot_accuracy_matrix",
@@ -191,6 +194,21 @@ def summarize(matrix: AccuracyMatrix | np.ndarray, after_task: int | None = None
         "average_incremental_accuracy": float(np.mean(measured)) if measured else None,
         "accuracy_matrix": _jsonable(values),
     }
+
+
+# The `evaluate` metric shipped with the package: `summarize` behind evaluate's interface, loadable with
+# `evaluate.load(str(CONTINUAL_LEARNING_METRIC))` by anyone with an accuracy matrix.
+CONTINUAL_LEARNING_METRIC = Path(__file__).parent / "metric_scripts" / "continual_learning"
+
+
+@functools.cache
+def load_continual_learning_metric() -> Any:
+    """The packaged continual-learning `evaluate.Metric` (loaded once per process, offline, in memory).
+
+    `metric.compute(accuracy_matrix=A)` with A (T, T) returns :func:`summarize`'s dict."""
+    import evaluate
+
+    return evaluate.load(str(CONTINUAL_LEARNING_METRIC), keep_in_memory=True)
 
 
 def _table_rows(values: np.ndarray) -> tuple[list[str], list[list[str]]]:

@@ -1,6 +1,6 @@
 """Null-space memory for Prompt Gradient Projection (PGP).
 
-The math of `design/ALGORITHM.md`:
+The math of `docs/ALGORITHM.md`:
 
 - §1: a protected space is spanned by the orthonormal columns of a basis U (D x r); a gradient (or an
   update) g is made orthogonal to it with g <- g - g U U^T on its last (embedding) axis (`project_out`).
@@ -161,15 +161,6 @@ class GramAccumulator:
             x = chunk.to(device=self._gram.device, dtype=torch.float64)
             self._gram.addmm_(x.T, x)
         self._num_rows += rows.shape[0]
-
-    @torch.no_grad()
-    def merge(self, other: GramAccumulator) -> GramAccumulator:
-        """Add another accumulator's sum into this one (e.g. after gathering per-process Grams). Returns self."""
-        if other.dim != self.dim:
-            raise ValueError(f"Cannot merge a {other.dim}-dim accumulator into a {self.dim}-dim one.")
-        self._gram += other.gram.to(self._gram.device)
-        self._num_rows += other.num_rows
-        return self
 
 
 def balanced_sum(token_gram: torch.Tensor, prompt_gram: torch.Tensor | None) -> torch.Tensor:

@@ -78,6 +78,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "logging_steps": 20,
         "dataloader_num_workers": 0,
         "use_cpu": False,
+        "report_to": "none",
     },
     "hub": {"push_to_hub": False, "hub_model_id": None, "private": None, "strategy": "end", "token": None},
 }
@@ -387,13 +388,29 @@ def build_training_arguments(recipe: dict[str, Any], output_dir: str):
         bf16=training["bf16"],
         logging_steps=training["logging_steps"],
         save_strategy="no",
-        report_to=[],
+        report_to=_report_to(training["report_to"]),
         remove_unused_columns=False,
         dataloader_num_workers=training["dataloader_num_workers"],
         dataloader_pin_memory=torch.cuda.is_available() and not training["use_cpu"],
         use_cpu=training["use_cpu"],
         disable_tqdm=False,
     )
+
+
+def _report_to(value: Any) -> list[str]:
+    """`training.report_to` -> `TrainingArguments.report_to`: "none", "all", an integration name, a
+    comma-separated string of names (the CLI form, e.g. `training.report_to=tensorboard,wandb`) or a list."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"training.report_to: expected a name or a list of names, got {value!r}")
+    names = [name.strip() for name in names if name.strip()]
+    known = ["none", "all", *INTEGRATION_TO_CALLBACK]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"training.report_to: unknown tracker(s) {unknown}; expected names from {known}")
+    return [] if names in ([], ["none"]) else names
 
 
 def first_task_arguments(recipe: dict[str, Any]) -> dict[str, Any]:

@@ -22,22 +22,54 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import set_seed
 
 from .cards import card_kwargs_from_results
 from .data import ContinualSplits, collate, memory_subset, with_image_transform
 from .fileio import atomic_write_text, replace_dir, staging_dir
 from .memory import memory_update_timing, update_memory
-from .metrics import AccuracyMatrix, plot_accuracy_curves, plot_accuracy_matrix, summarize, write_results_json
+from .metrics import (
+    AccuracyMatrix,
+    load_continual_learning_metric,
+    plot_accuracy_curves,
+    plot_accuracy_matrix,
+    write_results_json,
+)
 from .model import PGPModel
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-task-"
 STATE_NAME = "continual_state.json"
+
+
+def continual_scores(matrix: AccuracyMatrix) -> dict[str, Any]:
+    """The packaged `evaluate` continual-learning metric on `matrix` (see `metrics.summarize`)."""
+    return load_continual_learning_metric().compute(accuracy_matrix=matrix.values.tolist())
+
+
+def task_log_record(result: ContinualResult, task_id: int) -> dict[str, float]:
+    """The flat record logged after task `task_id`: each seen task's class-IL accuracy, the average
+    accuracy (class-IL, task-IL), both forgetting definitions, BWT and every protected space's memory
+    rank. Keys start with `eval_`, which the integrations file under `eval/`."""
+    summary = result.summary
+    record = {f"eval_accuracy_task_{i}": float(a) for i, a in enumerate(summary["final_accuracies"])}
+    record.update(
+        eval_average_accuracy=summary["average_accuracy"],
+        eval_forgetting_paper=summary["forgetting_paper"],
+        eval_forgetting_reference=summary["forgetting_reference"],
+        eval_backward_transfer=summary["backward_transfer"],
+        eval_task_il_average_accuracy=summary["task_il"]["average_accuracy"],
+    )
+    ranks = result.memory_ranks[task_id] if task_id < len(result.memory_ranks) else {}
+    record.update({f"eval_memory_rank_{name}": int(rank) for name, rank in ranks.items()})
+    return record
 
 
 class ProjectionCallback(TrainerCallback):
@@ -436,23 +468,40 @@ class ContinualTrainer(Trainer):
                 cil, til = self.evaluate_task(evaluated)
                 result.accuracy.record(task_id, evaluated, cil)
                 result.task_il_accuracy.record(task_id, evaluated, til)
-            result.summary = summarize(result.accuracy.values)
-            result.summary["task_il"] = summarize(result.task_il_accuracy.values)
-            self.log(
-                {
-                    "average_accuracy": result.summary["average_accuracy"],
-                    "forgetting": result.summary["forgetting_paper"],
-                    "task_il_average_accuracy": result.summary["task_il"]["average_accuracy"],
-                }
-            )
+            result.summary = continual_scores(result.accuracy)
+            result.summary["task_il"] = continual_scores(result.task_il_accuracy)
             self.save_task_checkpoint(task_id, result)
             self.write_results(result)
+            self.log_task_metrics(task_id, result)
             for callback in self.task_end_callbacks:
                 callback(self, task_id, result)
         if start >= num_tasks:
-            result.summary = summarize(result.accuracy.values)
-            result.summary["task_il"] = summarize(result.task_il_accuracy.values)
+            result.summary = continual_scores(result.accuracy)
+            result.summary["task_il"] = continual_scores(result.task_il_accuracy)
         return result
+
+    def log_task_metrics(self, task_id: int, result: ContinualResult) -> None:
+        """Send the continual metrics after task `task_id` to the loggers and trackers (`report_to`).
+
+        One `Trainer.log` record (`task_log_record`), so every integration callback receives it through
+        `on_log`. Integrations step by `state.global_step`, which restarts every task; for this record it
+        is the number of tasks learned (`task_id + 1`), so the continual curves are stepped by task. With
+        TensorBoard the accuracy-matrix heat map goes along as an image at the same step.
+        """
+        steps = self.state.global_step
+        self.state.global_step = task_id + 1
+        try:
+            self.log(task_log_record(result, task_id))
+            image = Path(self.args.output_dir) / "accuracy_matrix.png"
+            for callback in self.callback_handler.callbacks:
+                writer = getattr(callback, "tb_writer", None)
+                if isinstance(callback, TensorBoardCallback) and writer is not None and image.is_file():
+                    with Image.open(image) as png:
+                        pixels = np.asarray(png.convert("RGB"))
+                    writer.add_image("eval/accuracy_matrix", pixels, task_id + 1, dataformats="HWC")
+                    writer.flush()
+        finally:
+            self.state.global_step = steps
 
     def results_payload(self, result: ContinualResult) -> dict[str, Any]:
         """Everything results.json records about the run."""

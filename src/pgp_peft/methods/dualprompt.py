@@ -119,6 +119,11 @@ class DualPromptMethod(PGPMethod):
 
     def __init__(self, config: DualPromptConfig, backbone: VisionBackbone) -> None:
         super().__init__(config, backbone)
+        if not backbone.family.passes_attention_kwargs:
+            raise TypeError(
+                f"DualPrompt's prefixes reach attention through forward kwargs, which {type(backbone.vision).__name__} "
+                "does not pass to its attention function; use L2P on this backbone"
+            )
         self.prefix_pool = PrefixPromptPool(
             backbone.hidden_size,
             config.g_prompt_layers,
