@@ -183,7 +183,8 @@ class LoraPGPMethod(PGPMethod):
                 "the backbone already carries peft adapters; pass a plain transformers model (LoRA-PGP "
                 "injects its own adapter)"
             )
-        self.peft_config = lora_peft_config(config, vision_tower_prefix(model, backbone.vision))
+        self.vision_prefix = vision_tower_prefix(model, backbone.vision)
+        self.peft_config = lora_peft_config(config, self.vision_prefix)
         try:
             inject_adapter_in_model(self.peft_config, model, adapter_name=ADAPTER_NAME)
         except ValueError as error:
