@@ -226,3 +226,17 @@ def test_card_round_trips_through_the_hub(local_hub_server: LocalHub) -> None:
     assert info.card_data.library_name == "pgp_peft"
     assert info.card_data.base_model == BASE
     assert info.card_data.eval_results[0].metric_value == _results()["average_accuracy"]
+
+
+def test_demo_run_card_names_the_hub_source_of_its_data() -> None:
+    """Built-in demo data: `datasets` names its Hub source; the built-in backbone (no Hub repo) is no base_model."""
+    card = build_model_card(
+        config=_config(base_model_name_or_path="pgp_peft:vit-tiny-patch4-32-cifar10", revision=None),
+        dataset_id="pgp_peft:fashion_mnist_demo",
+        results=_results(),
+    )
+    data = ModelCard(card.content).data
+    assert data.datasets == ["zalando-datasets/fashion_mnist"] and data.base_model is None
+    assert {result.dataset_type for result in data.eval_results} == {
+        "custom"
+    }  # a subset: no Hub result claimed

@@ -61,6 +61,8 @@ from transformers import (
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from .config import BACKBONE_CONFIG_OVERRIDES
+
 PREFIX_KWARG = "pgp_prefixes"
 QUERY_RECORDER_KWARG = "pgp_query_recorder"
 
@@ -480,10 +482,21 @@ def resolve_builtin(name: str | None) -> str | None:
 
 
 def load_backbone(
-    name: str | None, revision: str | None = None, config_overrides: dict[str, Any] | None = None
+    name: str | None,
+    revision: str | None = None,
+    config_overrides: dict[str, Any] | None = None,
+    *,
+    trust_remote_code: bool = False,
 ) -> nn.Module:
     """Load a frozen backbone of a `BACKBONE_FAMILIES` model type from a Hub id, a local folder or a
-    built-in name, with `config_overrides` (e.g. layer_norm_eps) applied to its config."""
+    built-in name, with `config_overrides` (only `config.BACKBONE_CONFIG_OVERRIDES`, e.g. layer_norm_eps)
+    applied to its config. `trust_remote_code` is passed to transformers as given."""
+    refused = sorted(set(config_overrides or {}) - set(BACKBONE_CONFIG_OVERRIDES))
+    if refused:
+        raise ValueError(
+            f"backbone config overrides {refused} refused; accepted: {list(BACKBONE_CONFIG_OVERRIDES)} "
+            "(pass trust_remote_code as its own argument)"
+        )
     name = resolve_builtin(name)
     if not name:
         raise ValueError(
@@ -493,11 +506,17 @@ def load_backbone(
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(name, revision=revision, **(config_overrides or {}))
+        config = AutoConfig.from_pretrained(
+            name, revision=revision, trust_remote_code=trust_remote_code, **(config_overrides or {})
+        )
         family = family_of_model_type(config.model_type)
         if family is not None:
             return family.model_classes[0].from_pretrained(
-                name, revision=revision, config=config, **family.load_kwargs
+                name,
+                revision=revision,
+                config=config,
+                trust_remote_code=trust_remote_code,
+                **family.load_kwargs,
             )
     except OSError as error:
         raise OSError(
@@ -511,6 +530,11 @@ def load_backbone(
     )
 
 
-def load_base_model(config) -> nn.Module:
+def load_base_model(config, *, trust_remote_code: bool = False) -> nn.Module:
     """The backbone recorded in an adapter config: base_model_name_or_path @ revision (+ base_model_kwargs)."""
-    return load_backbone(config.base_model_name_or_path, config.revision, config.base_model_kwargs)
+    return load_backbone(
+        config.base_model_name_or_path,
+        config.revision,
+        config.base_model_kwargs,
+        trust_remote_code=trust_remote_code,
+    )

@@ -53,6 +53,10 @@ LIBRARY_TAGS: tuple[str, ...] = (LIBRARY_NAME, "continual-learning", "image-clas
 RUN_FILES = ("results.json", "accuracy_matrix.png", "accuracy_curves.png")
 _COMMON_SETTINGS: tuple[str, ...] = ("method", "base_model_name_or_path", "revision", "num_classes")
 _PGP_SETTINGS: tuple[str, ...] = ("projection_space", "prompt_threshold", "key_threshold", "memory_samples")
+# Built-in data drawn from a Hub dataset: the card's `datasets` metadata names that source (the text
+# says it is a subset; the model-index results stay "custom"). The built-in backbone has no Hub repo,
+# so it gets no `base_model` metadata (the Hub only accepts existing model ids there).
+_HUB_SOURCE_OF_BUILTIN_DATA = {"pgp_peft:fashion_mnist_demo": "zalando-datasets/fashion_mnist"}
 
 
 def template_path() -> Path:
@@ -123,7 +127,9 @@ def build_model_card(
         library_name=LIBRARY_NAME,
         tags=[*LIBRARY_TAGS, *card.tags, method, *(["pgp"] if use_pgp else [])],
         base_model=base_model if _is_hub_repo_id(base_model) else None,
-        datasets=[hub_dataset] if hub_dataset else None,
+        datasets=[hub_dataset or _HUB_SOURCE_OF_BUILTIN_DATA.get(dataset_id)]
+        if (hub_dataset or dataset_id in _HUB_SOURCE_OF_BUILTIN_DATA)
+        else None,
         pipeline_tag="image-classification",
         license=config.get("license") or (recipe or {}).get("license"),
         metrics=["accuracy"] if summary is not None else None,

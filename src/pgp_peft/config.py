@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +41,17 @@ CONFIG_NAME = "config.json"
 ADAPTER_METADATA_KEYS = {"library_name", "pgp_peft_version", "backbone"}
 # Fields of 0.1.0 that were never a choice: accepted in old files when they hold their only value.
 REMOVED_FIXED_FIELDS = ("query_source", "tuning_type")
+# The only keys `base_model_kwargs` may hold: plain backbone-config attributes that change neither the
+# weights' shapes nor how or from where code and files are loaded. A config.json comes from a download,
+# so loader controls (trust_remote_code, code_revision, revision, token, cache_dir, device_map,
+# torch_dtype, quantization_config, attn_implementation, ...) are refused, never passed on.
+BACKBONE_CONFIG_OVERRIDES = (
+    "layer_norm_eps",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "attention_dropout",
+    "dropout",
+)
 
 # method name -> config class, filled by `pgp_peft.methods.register_method`.
 _CONFIG_CLASSES: dict[str, type[PromptGradientProjectionConfig]] = {}
@@ -62,6 +74,22 @@ def config_class(method: Any) -> type[PromptGradientProjectionConfig]:
     return _CONFIG_CLASSES[method]
 
 
+def read_config_json(path: str | os.PathLike, source: str | None = None) -> dict[str, Any]:
+    """A config.json's JSON object; invalid JSON or another JSON type raises `ValueError` naming the file."""
+    where = source or str(path)
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error}); re-save the adapter or fix the file") from None
+    if not isinstance(payload, dict):
+        raise ValueError(
+            f"{where}: expected a JSON object of config fields, got a JSON {type(payload).__name__}"
+        )
+    return payload
+
+
 def fail(name: str, message: str) -> None:
     """Raise the config error for field `name` (every config names its fields the same way)."""
     raise ValueError(f"PromptGradientProjectionConfig.{name}: {message}")
@@ -73,12 +101,47 @@ def check_choice(config: Any, name: str, choices: tuple[str, ...]) -> None:
         fail(name, f"unknown value {value!r}; expected one of {list(choices)}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_types(
+    config: Any,
+    *,
+    strings: tuple[str, ...] = (),
+    optional_strings: tuple[str, ...] = (),
+    bools: tuple[str, ...] = (),
+    numbers: tuple[str, ...] = (),
+    int_lists: tuple[str, ...] = (),
+) -> None:
+    """Refuse values of the wrong JSON type by field name (a config.json is hand-editable and downloaded),
+    e.g. `e_prompt_layers: "2,3,4"` instead of `[2, 3, 4]`. Lists are normalised to `list`."""
+    for name in strings:
+        if not isinstance(getattr(config, name), str):
+            fail(name, f"expected a string, got {getattr(config, name)!r}")
+    for name in optional_strings:
+        if getattr(config, name) is not None and not isinstance(getattr(config, name), str):
+            fail(name, f"expected a string or null, got {getattr(config, name)!r}")
+    for name in bools:
+        if not isinstance(getattr(config, name), bool):
+            fail(name, f"expected true or false, got {getattr(config, name)!r}")
+    for name in numbers:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(name, f"expected a number, got {value!r}")
+    for name in int_lists:
+        value = getattr(config, name)
+        if not isinstance(value, (list, tuple)) or not all(_is_int(i) for i in value):
+            fail(name, f"expected a list of layer indices like [2, 3, 4], got {value!r}")
+        setattr(config, name, list(value))
+
+
 def check_int(config: Any, name: str, *, minimum: int, allow_none: bool = False) -> None:
     """An int (not a bool) >= minimum; with `allow_none`, None too."""
     value = getattr(config, name)
     if value is None and allow_none:
         return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not _is_int(value) or value < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         fail(name, f"must be {kind}{' or None' if allow_none else ''}, got {value!r}")
 
@@ -91,7 +154,9 @@ class PromptGradientProjectionConfig:
         base_model_name_or_path, revision: the frozen backbone (Hub id or local folder).
         base_model_kwargs: config overrides applied when the backbone is loaded from its name (e.g.
             `{"layer_norm_eps": 1e-6}`, as the paper's ViT-B recipes), so a reloaded adapter sees
-            exactly the backbone it was trained on.
+            exactly the backbone it was trained on. Only the numeric attributes in
+            `BACKBONE_CONFIG_OVERRIDES` are accepted: loader options (`trust_remote_code`, `revision`,
+            `token`, ...) are refused, since a saved config is downloaded, untrusted data.
         inference_mode: a loaded adapter is frozen (as PEFT).
 
     Classes and tasks
@@ -150,6 +215,7 @@ class PromptGradientProjectionConfig:
         return super().__new__(cls)
 
     def __post_init__(self) -> None:
+        self.check_field_types()
         self.validate()
 
     # ------------------------------------------------------------------ presets
@@ -175,8 +241,53 @@ class PromptGradientProjectionConfig:
         return config_class("lora")(**overrides)
 
     # ------------------------------------------------------------------ validation
+    def check_field_types(self) -> None:
+        """Refuse values of the wrong JSON type by field name; subclasses add their own fields."""
+        check_types(
+            self,
+            strings=("method", "preprocessing", "projection_space"),
+            optional_strings=("base_model_name_or_path", "revision"),
+            bools=("inference_mode", "use_pgp", "project_update"),
+        )
+        if self.class_names is not None:
+            if not isinstance(self.class_names, (list, tuple)) or not all(
+                isinstance(n, str) for n in self.class_names
+            ):
+                fail("class_names", f"expected a list of strings or null, got {self.class_names!r}")
+            self.class_names = list(self.class_names)
+        if not isinstance(self.reference_pca_components, dict) or not all(
+            isinstance(k, str) and _is_int(v) and v > 0 for k, v in self.reference_pca_components.items()
+        ):
+            fail(
+                "reference_pca_components",
+                f"expected a mapping of names to positive integers, got {self.reference_pca_components!r}",
+            )
+        self._check_base_model_kwargs()
+
+    def _check_base_model_kwargs(self) -> None:
+        kwargs = self.base_model_kwargs
+        where = "PromptGradientProjectionConfig.base_model_kwargs"
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"{where}: expected a mapping like {{'layer_norm_eps': 1e-6}}, got {kwargs!r}")
+        refused = sorted(key for key in kwargs if key not in BACKBONE_CONFIG_OVERRIDES)
+        if refused:
+            raise ValueError(
+                f"{where}: {refused} refused; only the backbone-config overrides {list(BACKBONE_CONFIG_OVERRIDES)} "
+                "are accepted. Loader options such as trust_remote_code or code_revision are never read from a "
+                "config: if you trust the backbone's code, pass trust_remote_code=True to from_pretrained yourself"
+            )
+        for key, value in kwargs.items():
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"{where}: {key} must be a finite non-negative number, got {value!r}")
+
     def validate(self, num_hidden_layers: int | None = None) -> None:
         """Raise `ValueError` naming the offending field. With `num_hidden_layers`, also check layer indices."""
+        self._check_base_model_kwargs()  # again: the field is mutable after construction
         expected = config_class(self.method)
         if type(self) is not expected:
             fail(
@@ -210,6 +321,10 @@ class PromptGradientProjectionConfig:
     def from_dict(cls, values: dict[str, Any]) -> PromptGradientProjectionConfig:
         """Build the config of `values["method"]`; unknown keys raise a `ValueError` naming them (and
         the closest valid key). Keys of 0.1.0 fields this method does not have are dropped."""
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"PromptGradientProjectionConfig: expected a mapping of fields, got {type(values).__name__}"
+            )
         target = config_class(values.get("method", "l2p")) if cls is PromptGradientProjectionConfig else cls
         known = {f.name for f in dataclasses.fields(target)}
         values = target._drop_legacy_fields(values, known)
@@ -258,8 +373,12 @@ class PromptGradientProjectionConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> PromptGradientProjectionConfig:
-        with open(Path(directory) / CONFIG_NAME, encoding="utf-8") as handle:
-            return cls.from_dict(json.load(handle))
+        path = Path(directory) / CONFIG_NAME
+        payload = read_config_json(path)
+        try:
+            return cls.from_dict(payload)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
     def replace(self, **changes: Any) -> PromptGradientProjectionConfig:
         return dataclasses.replace(self, **changes)

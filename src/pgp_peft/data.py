@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -17,6 +18,7 @@ from typing import Any, Literal
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image as PILImage
 
@@ -34,6 +36,7 @@ __all__ = [
     "memory_subset",
     "seen_test_datasets",
     "task_datasets",
+    "verify_image_files",
     "with_image_transform",
 ]
 
@@ -97,8 +100,20 @@ class ContinualSplits:
 
 
 def _labels(ds: datasets.Dataset, column: str) -> np.ndarray:
-    """Label column as an int64 array (N,), read through Arrow (numpy format decodes far slower)."""
-    return np.asarray(ds.with_format("arrow")[column].to_numpy(), dtype=np.int64)
+    """Label column as an int64 array (N,), read through Arrow (numpy format decodes far slower).
+
+    Float labels are refused (casting would merge 0.2 and 0.7 into class 0), as are strings."""
+    values = ds.with_format("arrow")[column]
+    kind = getattr(values, "type", None)
+    if kind is not None and (
+        pa.types.is_floating(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    ):
+        examples = values.slice(0, 3).to_pylist()
+        raise ValueError(
+            f"label column {column!r} holds {kind} values (e.g. {examples}); labels must be integer class ids. "
+            f"Map them to integers, e.g. dataset.class_encode_column({column!r}) for names"
+        )
+    return np.asarray(values.to_numpy(), dtype=np.int64)
 
 
 def _check_columns(ds: datasets.Dataset, columns: Sequence[str], what: str) -> None:
@@ -286,6 +301,15 @@ def make_class_incremental_splits(
     position = {int(c): p for p, c in enumerate(order)}
     train_remapped = np.array([position.get(int(c), -1) for c in train_labels], dtype=np.int64)
     test_remapped = np.array([position.get(int(c), -1) for c in test_labels], dtype=np.int64)
+    tested = set(np.unique(test_labels).tolist())
+    untested = [int(c) for c in order if int(c) not in tested]
+    if untested:
+        names = [_class_name(train.features[label_column], c) for c in untested]
+        warnings.warn(
+            f"class(es) {names} (label ids {untested}) have no test images: their accuracy is never measured",
+            UserWarning,
+            stacklevel=2,
+        )
     train_full = _with_remapped_labels(train, train_remapped)
     test_full = _with_remapped_labels(test, test_remapped)
 
@@ -311,6 +335,52 @@ def make_class_incremental_splits(
         dataset_id=dataset_id,
         class_order_seed=class_order_seed,
     )
+
+
+def _image_file_problem(path: str) -> str | None:
+    """Why the image file at `path` is unusable, or None. Cheap: no pixel decode (`Image.verify` walks the
+    PNG chunks and CRCs; a JPEG must end with its end-of-image marker)."""
+    try:
+        with PILImage.open(path) as image:
+            image_format = image.format
+            image.verify()
+        if image_format == "JPEG":
+            with open(path, "rb") as handle:
+                handle.seek(max(os.path.getsize(path) - 64, 0))
+                if b"\xff\xd9" not in handle.read():
+                    return "truncated JPEG (no end-of-image marker)"
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def verify_image_files(ds: datasets.Dataset, image_column: str, what: str = "dataset") -> int:
+    """Check every local image file of an ``imagefolder``-style split up front (before training).
+
+    Rows whose image is a file path (not embedded bytes) are opened and verified without decoding
+    pixels. Raises ``ValueError`` listing the unreadable files by path. Returns the number checked.
+    """
+    if not isinstance(ds.features.get(image_column), datasets.Image):
+        return 0
+    checked, problems = 0, []
+    for chunk in ds.data.column(image_column).chunks:  # the storage struct {bytes, path}, no decode
+        if not pa.types.is_struct(chunk.type):
+            return checked
+        paths = chunk.field("path").to_pylist()
+        embedded = chunk.field("bytes").is_valid().to_pylist()
+        for path, has_bytes in zip(paths, embedded):
+            if has_bytes or not path:
+                continue
+            checked += 1
+            problem = _image_file_problem(path)
+            if problem is not None:
+                problems.append(f"{path} ({problem})")
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise ValueError(
+            f"{what}: {len(problems)} unreadable image file(s): {shown}. Remove or replace them and rerun"
+        )
+    return checked
 
 
 def _to_pil(value: Any) -> PILImage.Image:
@@ -398,6 +468,8 @@ class BatchTransform:
                 image = _to_pil(cell).convert("RGB")  # greyscale / RGBA / palette -> RGB
             except Exception as err:
                 where = f"row {row_ids[k]}" if row_ids is not None else f"batch position {k}"
+                if isinstance(cell, dict) and cell.get("path"):
+                    where += f", file {cell['path']}"
                 raise ValueError(
                     f"could not decode image at {where} (column {self.image_column!r}): {err}"
                 ) from err

@@ -20,7 +20,7 @@ from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file, save_file
 
 from .cards import LIBRARY_NAME
-from .config import CONFIG_NAME
+from .config import CONFIG_NAME, read_config_json
 from .fileio import atomic_write_text, publish_files, staging_dir
 
 WEIGHTS_NAME = "model.safetensors"
@@ -71,7 +71,7 @@ def fetch_adapter_file(
         if not os.path.exists(path):
             raise FileNotFoundError(f"{filename} not found in {source}: not a pgp_peft adapter directory")
         return path
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return hf_hub_download(
@@ -83,6 +83,11 @@ def fetch_adapter_file(
             force_download=force_download,
             local_files_only=local_files_only,
         )
+    except LocalEntryNotFoundError as error:  # offline, and not in the Hub cache
+        raise FileNotFoundError(
+            f"{source}: no such local folder, and no cached Hub copy of {filename} while the Hub cannot be "
+            f"reached ({' '.join(str(error).split())[:200]}); check the path, or go online"
+        ) from error
     except EntryNotFoundError as error:
         from huggingface_hub import list_repo_files
 
@@ -90,12 +95,36 @@ def fetch_adapter_file(
         raise ValueError(
             f"{source} is not a pgp_peft adapter: no {filename}; the repo has {sorted(files)[:20]}"
         ) from error
+    except RepositoryNotFoundError as error:
+        raise FileNotFoundError(
+            f"{source}: no such local folder, and no Hub repository of that name (or no access to it)"
+        ) from error
+
+
+def check_adapter_source(source: str) -> None:
+    """A path that is no folder: say so, rather than the Hub's "Repo id must be in the form ..."."""
+    if os.path.isdir(source):
+        return
+    if os.path.exists(source):
+        raise NotADirectoryError(
+            f"{source}: is a file; an adapter is a folder with config.json and model.safetensors"
+        )
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    looks_like_path = source.startswith((".", "/", "~"))
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        looks_like_path = True
+    if looks_like_path:
+        raise FileNotFoundError(f"{source}: no such folder (nor a valid Hub repo id such as 'user/adapter')")
 
 
 def read_adapter_config(path: str, source: str) -> dict[str, Any]:
-    """The config.json payload of a pgp_peft adapter; a `ValueError` if it is another library's."""
-    with open(path, encoding="utf-8") as handle:
-        payload = json.load(handle)
+    """The config.json payload of a pgp_peft adapter; a `ValueError` if it is another library's or no
+    JSON object."""
+    payload = read_config_json(path, source=f"{source}/{CONFIG_NAME}")
     library = payload.get("library_name")
     if library != LIBRARY_NAME or "method" not in payload:
         raise ValueError(

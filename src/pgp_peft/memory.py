@@ -22,6 +22,17 @@ from .projection import BasisUpdate, GramAccumulator, balanced_sum
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+class NonFiniteMemoryError(FloatingPointError):
+    """A protected space's Gram matrix / representation holds NaN or inf (the model diverged)."""
+
+
+def _check_finite(name: str, matrix: torch.Tensor) -> torch.Tensor:
+    """One host sync per space per task boundary, before the eigendecomposition that would fail on it."""
+    if not bool(torch.isfinite(matrix).all()):
+        raise NonFiniteMemoryError(f"non-finite values in the memory representation of space {name!r}")
+    return matrix
+
+
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
@@ -71,11 +82,6 @@ def collect_reference_rows(
     return {name: torch.cat(parts) for name, parts in rows.items()}
 
 
-def reference_representations(model, rows: dict[str, torch.Tensor], task_id: int) -> dict[str, torch.Tensor]:
-    """PCA-reduce per-sample rows as the reference does (per method, see `PGPMethod`)."""
-    return model.method.reference_representations(rows, task_id)
-
-
 @torch.no_grad()
 def update_memory(
     model,
@@ -102,7 +108,7 @@ def update_memory(
                 gram = reduce_fn(grams[name])
                 prompt_term = grams.get(f"{name}__prompt_term")
                 updates[name] = model.memory.update_feature(
-                    name, balanced_sum(gram, prompt_term), model.method.threshold(name)
+                    name, _check_finite(name, balanced_sum(gram, prompt_term)), model.method.threshold(name)
                 )
             return updates
         gather_fn = gather_fn or _identity
@@ -110,9 +116,11 @@ def update_memory(
         rows = {
             name: gather_fn(matrix.to(next(model.parameters()).device)).cpu() for name, matrix in rows.items()
         }
-        representations = reference_representations(model, rows, task_id)
+        representations = model.method.reference_representations(rows, task_id)
         return {
-            name: model.memory.update_reference(name, representation, model.method.threshold(name))
+            name: model.memory.update_reference(
+                name, _check_finite(name, representation), model.method.threshold(name)
+            )
             for name, representation in representations.items()
         }
     finally:

@@ -9,6 +9,7 @@ business (`pgp_peft.methods`): this module never asks which one it holds.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -21,11 +22,18 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .backbones import VisionBackbone, backbone_config_signature, build_backbone, load_base_model
+from .backbones import (
+    VisionBackbone,
+    backbone_config_signature,
+    build_backbone,
+    load_base_model,
+    resolve_builtin,
+)
 from .cards import LIBRARY_NAME, RUN_FILES, build_model_card, card_kwargs_from_run
 from .config import CONFIG_NAME, PromptGradientProjectionConfig
 from .hub import (
     WEIGHTS_NAME,
+    check_adapter_source,
     create_adapter_repo,
     fetch_adapter_file,
     read_adapter_config,
@@ -36,6 +44,8 @@ from .hub import (
 from .methods import MethodOutput, PGPMethod, ProtectedSlice, get_method
 from .projection import NullSpaceMemory, check_reference_memory_size, project_update_
 from .version import __version__
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -252,8 +262,6 @@ class PGPModel(nn.Module):
             if self.config.preprocessing == "processor":
                 from transformers import AutoImageProcessor
 
-                from .backbones import resolve_builtin
-
                 kwargs["image_processor"] = AutoImageProcessor.from_pretrained(
                     resolve_builtin(self.config.base_model_name_or_path), revision=self.config.revision
                 )
@@ -329,6 +337,16 @@ class PGPModel(nn.Module):
                     f"{tuple(expected[name].shape)} (hidden size {self.backbone.hidden_size}, "
                     f"{self.backbone.num_layers} layers)"
                 )
+        non_finite = sorted(
+            name
+            for name, tensor in state.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+        )
+        if non_finite:
+            raise ValueError(
+                f"{source}: non-finite values (NaN or inf) in tensor(s) {non_finite}; the file is damaged or "
+                "comes from a diverged run: load an earlier checkpoint"
+            )
         memory_prefix = "memory."
         for name, tensor in state.items():
             if not name.startswith(memory_prefix):
@@ -432,15 +450,23 @@ class PGPModel(nn.Module):
         local_files_only: bool = False,
         map_location: str | torch.device | None = None,
         attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
         **config_overrides: Any,
     ) -> PGPModel:
         """Load an adapter from a local directory or a Hub repo id (safetensors only, never pickle).
 
-        The backbone is `base_model` if given, else loaded from the recorded base model and revision;
-        `tokenizer` as in the constructor. A backbone of another hidden size or depth raises `ValueError`
-        naming both shapes. Keyword arguments left over override config fields.
+        The backbone is `base_model` if given, else loaded from the recorded base model and revision
+        with the recorded `base_model_kwargs` (an allow-list of config overrides, see
+        `config.BACKBONE_CONFIG_OVERRIDES`). Nothing read from the adapter's files can enable remote
+        code: only this call's `trust_remote_code=True` lets the backbone repo run its own Python.
+        `tokenizer` as in the constructor. A backbone of another hidden size or depth raises
+        `ValueError` naming both shapes; a non-finite tensor in model.safetensors raises `ValueError`
+        naming it. Keyword arguments left over override config fields.
         """
         source = str(pretrained_model_name_or_path)
+        if not isinstance(trust_remote_code, bool):
+            raise TypeError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
+        check_adapter_source(source)
         download = dict(
             revision=revision,
             token=token,
@@ -451,7 +477,10 @@ class PGPModel(nn.Module):
         payload = read_adapter_config(fetch_adapter_file(source, CONFIG_NAME, **download), source)
         saved_signature = payload.pop("backbone", None)
         payload.update(config_overrides)
-        config = PromptGradientProjectionConfig.from_dict(payload)
+        try:
+            config = PromptGradientProjectionConfig.from_dict(payload)
+        except ValueError as error:
+            raise ValueError(f"{source}/{CONFIG_NAME}: {error}") from None
         if base_model is not None and saved_signature is not None:
             # Before building the adapter, so the error names both shapes (not a layer-index error).
             given = backbone_config_signature(base_model)
@@ -460,6 +489,16 @@ class PGPModel(nn.Module):
                     f"adapter {source} was trained on a backbone with {saved_signature}, but the backbone "
                     f"given has {given}"
                 )
+        if base_model is None:
+            if trust_remote_code:  # the adapter's config names the repo (and revision) whose code runs
+                logger.warning(
+                    "trust_remote_code=True: code from the backbone repo %r at revision %r (named by %s) may run",
+                    config.base_model_name_or_path,
+                    config.revision,
+                    f"{source}/{CONFIG_NAME}",
+                )
+            # Loaded here, not in the model's constructor, so the caller's trust_remote_code reaches it.
+            base_model = load_base_model(config, trust_remote_code=trust_remote_code)
         model = cls(
             config, base_model=base_model, attn_implementation=attn_implementation, tokenizer=tokenizer
         )
@@ -471,7 +510,7 @@ class PGPModel(nn.Module):
         # Default: wherever the backbone is (a CUDA backbone passed in stays on CUDA).
         device = map_location if map_location is not None else next(model.parameters()).device
         state = read_adapter_tensors(fetch_adapter_file(source, WEIGHTS_NAME, **download), device)
-        model.load_adapter_state_dict(state, source=source)
+        model.load_adapter_state_dict(state, source=f"{source}/{WEIGHTS_NAME}")
         if model.method.extra_files:
             # Files of one snapshot land in one folder: the folder of the last one fetched holds them all.
             paths = [fetch_adapter_file(source, name, **download) for name in model.method.extra_files]

@@ -19,6 +19,7 @@ import argparse
 import copy
 import difflib
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -27,11 +28,13 @@ from typing import Any
 import yaml
 
 from .backbones import load_backbone, resolve_builtin
+from .run_folder import prepare_output_dir
 
 logger = logging.getLogger("pgp_peft")
 
 SECTIONS = ("model", "adapter", "data", "training", "hub")
 DEMO_DATASET = "pgp_peft:fashion_mnist_demo"
+DEMO_NUM_CLASSES = 10  # the shipped Fashion-MNIST subset (data.load_demo_dataset)
 
 # Every recipe starts from these values; a recipe file only states what differs.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -266,7 +269,13 @@ def build_datasets(
 
     `preprocessing: processor` uses the backbone checkpoint's own image processor (resize + its
     normalisation); `reference` resizes to [0, 1] without normalisation, as the paper's code."""
-    from .data import build_transform, load_demo_dataset, load_image_dataset, make_class_incremental_splits
+    from .data import (
+        build_transform,
+        load_demo_dataset,
+        load_image_dataset,
+        make_class_incremental_splits,
+        verify_image_files,
+    )
 
     if data["dataset"] == DEMO_DATASET:
         train, test = load_demo_dataset()
@@ -286,6 +295,9 @@ def build_datasets(
             else None,
         )
         image_column, label_column = data["image_column"], data["label_column"]
+        # Before any training: a broken file is reported by path, not a row id half way through a run.
+        verify_image_files(train, image_column, "the train split")
+        verify_image_files(test, image_column, "the test split")
     splits = make_class_incremental_splits(
         train,
         test,
@@ -515,6 +527,7 @@ def _hub_callbacks(recipe: dict[str, Any]) -> list:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """Flags and `section.key=value` overrides, in any order (argparse's intermixed parsing)."""
     parser = argparse.ArgumentParser(
         description="Continual learning with Prompt Gradient Projection (L2P / DualPrompt / CLIP / LoRA).",
         epilog="Overrides: section.key=value, e.g. training.epochs=1 adapter.pool_size=20",
@@ -525,6 +538,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         "--no-pgp", dest="no_pgp", action="store_true", help="the baseline: no gradient projection"
     )
     parser.add_argument("--resume", action="store_true", help="continue from the latest per-task checkpoint")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="replace the run already in --output_dir (its files are removed first)",
+    )
     parser.add_argument("--push_to_hub", action="store_true")
     parser.add_argument("--hub_model_id", default=None)
     parser.add_argument("--hub_private", action="store_true")
@@ -532,27 +550,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         "--hub_strategy", choices=("end", "every_task"), default=None, help="push once, or a commit per task"
     )
     parser.add_argument("--list", action="store_true", help="list the recipes and exit")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    return parser.parse_known_args(argv)
+    return parser.parse_known_intermixed_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, unknown = parse_args(argv)
+class UsageError(ValueError):
+    """A command-line mistake (printed as one `error: ...` line, exit code 2)."""
+
+
+def _recipe_from_args(args: argparse.Namespace, unknown: list[str]) -> dict[str, Any]:
     overrides = list(args.overrides)
     for item in unknown:  # accept --key=value too
         if item.startswith("--") and "=" in item:
             overrides.append(item[2:])
         else:
-            raise SystemExit(f"unrecognised argument {item!r}")
-    if args.list:
-        for name in available_recipes():
-            print(name)
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        recipe = apply_overrides(load_recipe(args.recipe), overrides)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+            raise UsageError(f"unrecognised argument {item!r} (see --help)")
+    recipe = apply_overrides(load_recipe(args.recipe), overrides)
     if args.no_pgp:
         recipe["adapter"]["use_pgp"] = False
     if args.push_to_hub:
@@ -563,15 +577,206 @@ def main(argv: list[str] | None = None) -> int:
         recipe["hub"]["private"] = True
     if args.hub_strategy:
         recipe["hub"]["strategy"] = args.hub_strategy
+    return recipe
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a `torchrun` / `accelerate launch` job (or a plain run): it alone owns the output folder."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _error_line(error: BaseException) -> str:
+    message = " ".join(str(error).split()) or type(error).__name__
+    if not isinstance(error, (ValueError, OSError, FloatingPointError, TypeError)):
+        message = f"{type(error).__name__}: {message} (run with --debug for the traceback)"
+    return f"error: {message}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `train_cl.py` command. Any error is printed as one `error: ...` line with exit code 2
+    (`--debug` raises it with its traceback instead)."""
+    args, unknown = parse_args(argv)
+    if args.list:
+        for name in available_recipes():
+            print(name)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = False
     try:
-        _check_hub(recipe["hub"])
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
-    output_dir = args.output_dir or os.path.join(
-        "outputs", recipe["name"] + ("_baseline" if args.no_pgp else "")
-    )
-    run_recipe(recipe, output_dir, resume=args.resume)
+        recipe = _recipe_from_args(args, unknown)
+        validate_recipe(recipe)  # before any data, backbone or folder is touched
+        if recipe["hub"]["push_to_hub"] and _is_main_process():
+            check_hub_access(recipe["hub"])
+        output_dir = args.output_dir or os.path.join(
+            "outputs", recipe["name"] + ("_baseline" if args.no_pgp else "")
+        )
+        lock = None
+        if _is_main_process():
+            lock = prepare_output_dir(output_dir, resume=args.resume, overwrite=args.overwrite_output_dir)
+        try:
+            started = True
+            run_recipe(recipe, output_dir, resume=args.resume)
+        finally:
+            if lock is not None:
+                lock.release()
+    except KeyboardInterrupt:
+        raise
+    except Exception as error:
+        if args.debug:
+            raise
+        # Once training started, a progress bar may hold the current line: the error starts a new one.
+        print(("\n" if started else "") + _error_line(error), file=sys.stderr)
+        return 2
     return 0
+
+
+# ----------------------------------------------------------------------------- checks before any work
+_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
+
+
+def validate_recipe(recipe: dict[str, Any]) -> None:
+    """Check what can be checked from the recipe alone; raise `ValueError` naming the key and the fix.
+
+    Runs before data, backbone or output folder are touched: step counts, batch sizes, learning
+    rates, optimizer, schedule, method and adapter fields, task split (when the class count is known
+    without loading the data) and the hub settings.
+    """
+    training, data, model = recipe["training"], recipe["data"], recipe["model"]
+
+    def positive_int(section: dict, where: str, name: str, optional: bool = False) -> None:
+        value = section.get(name)
+        if optional and value is None:
+            return
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(
+                f"{where}.{name}: must be a positive integer, got {value!r}; e.g. {where}.{name}=1"
+            )
+
+    def positive_number(section: dict, where: str, name: str, optional: bool = False) -> None:
+        value = section.get(name)
+        if optional and value is None:
+            return
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise ValueError(f"{where}.{name}: must be a finite number > 0, got {value!r}")
+
+    for name in ("epochs", "batch_size", "eval_batch_size"):
+        positive_int(training, "training", name)
+    positive_number(training, "training", "base_lr")
+    positive_number(training, "training", "first_task_base_lr", optional=True)
+    for name in ("weight_decay", "momentum", "max_grad_norm"):
+        value = training.get(name)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise ValueError(f"training.{name}: must be a finite number >= 0, got {value!r}")
+    if training["optimizer"] not in ("adam", "sgd"):
+        raise ValueError(f"training.optimizer: expected adam or sgd, got {training['optimizer']!r}")
+    if training["lr_scheduler"] not in _SCHEDULERS:
+        close = difflib.get_close_matches(str(training["lr_scheduler"]), _SCHEDULERS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of {list(_SCHEDULERS)}"
+        raise ValueError(f"training.lr_scheduler: unknown schedule {training['lr_scheduler']!r}{hint}")
+    positive_number(model, "model", "layer_norm_eps", optional=True)
+    positive_int(data, "data", "num_tasks")
+    positive_int(data, "data", "classes_per_task", optional=True)
+    positive_int(data, "data", "image_size")
+    positive_int(data, "data", "max_train_per_task", optional=True)
+    positive_int(data, "data", "max_test_per_task", optional=True)
+    fraction = data.get("holdout_fraction")
+    if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
+        raise ValueError(f"data.holdout_fraction: must lie in (0, 1) or be null, got {fraction!r}")
+    try:  # the method and every adapter field, with the class count still unknown
+        build_adapter_config(recipe, None, data.get("class_names"))
+    except (TypeError, ValueError) as error:
+        raise ValueError(str(error).replace("PromptGradientProjectionConfig.", "adapter.")) from None
+    _check_task_split(data)
+    _check_hub(recipe["hub"])
+
+
+def known_num_classes(data: dict[str, Any]) -> int | None:
+    """The dataset's class count when it is known without loading it: the demo, or a local
+    `imagefolder` (one sub-folder per class in its train split folder). None otherwise."""
+    if data["dataset"] == DEMO_DATASET:
+        return DEMO_NUM_CLASSES
+    train_dir = Path(str(data["dataset"])) / str(data["train_split"])
+    if data.get("holdout_fraction") is None and train_dir.is_dir():
+        classes = [p for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        return len(classes) or None
+    return None
+
+
+def _check_task_split(data: dict[str, Any]) -> None:
+    num_classes = known_num_classes(data)
+    if num_classes is None:
+        return
+    tasks, per_task = data["num_tasks"], data.get("classes_per_task")
+    if per_task is not None:
+        if tasks * per_task > num_classes:
+            raise ValueError(
+                f"data.num_tasks={tasks} x data.classes_per_task={per_task} needs {tasks * per_task} classes, "
+                f"but {data['dataset']} has {num_classes}"
+            )
+    elif num_classes % tasks:
+        divisors = [n for n in range(1, num_classes + 1) if num_classes % n == 0]
+        raise ValueError(
+            f"data.num_tasks={tasks} does not divide the {num_classes} classes of {data['dataset']}; use one of "
+            f"{divisors}, or set data.classes_per_task={max(num_classes // tasks, 1)}"
+        )
+
+
+def check_hub_access(hub: dict[str, Any]) -> None:
+    """With push_to_hub: the repo id is well formed and the token is accepted by the Hub (`whoami`),
+    before any training. Raises `ValueError` naming the setting and the fix."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    _check_hub(hub)
+    try:
+        validate_repo_id(hub["hub_model_id"])
+    except HFValidationError as error:
+        raise ValueError(
+            f"hub.hub_model_id: {hub['hub_model_id']!r} is not a valid repo id ({error})"
+        ) from None
+    token = hub.get("token") or get_token()
+    if token is None:
+        raise ValueError(
+            "push_to_hub: no Hugging Face token found; log in with `hf auth login`, set HF_TOKEN, or set hub.token"
+        )
+    try:
+        user = HfApi(token=token).whoami()
+    except Exception as error:  # 401, no network, DNS: all mean the push would fail after training
+        raise ValueError(
+            f"push_to_hub: the Hub did not accept the token ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            "log in again with `hf auth login` or fix HF_TOKEN, or drop --push_to_hub"
+        ) from None
+    namespace = hub["hub_model_id"].split("/")[0] if "/" in hub["hub_model_id"] else None
+    allowed = {user.get("name")} | {org.get("name") for org in user.get("orgs", []) if isinstance(org, dict)}
+    if namespace is not None and namespace not in allowed:
+        logger.warning(
+            "hub.hub_model_id %s: namespace %r is neither your user name nor one of your organisations %s",
+            hub["hub_model_id"],
+            namespace,
+            sorted(n for n in allowed if n),
+        )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from transformers.trainer_utils import set_seed
 from .cards import card_kwargs_from_results
 from .data import ContinualSplits, collate, memory_subset, with_image_transform
 from .fileio import atomic_write_text, replace_dir, staging_dir
-from .memory import memory_update_timing, update_memory
+from .memory import NonFiniteMemoryError, memory_update_timing, update_memory
 from .metrics import (
     AccuracyMatrix,
     load_continual_learning_metric,
@@ -42,11 +42,43 @@ from .metrics import (
     write_results_json,
 )
 from .model import PGPModel
+from .run_folder import fingerprint_differences, run_fingerprint
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-task-"
 STATE_NAME = "continual_state.json"
+# TrainingArguments fields that define the optimisation of a run (part of the resume fingerprint).
+FINGERPRINT_ARGUMENTS = (
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "optim",
+    "optim_args",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "max_grad_norm",
+    "bf16",
+    "fp16",
+)
+
+
+class TrainingDivergedError(FloatingPointError):
+    """Training produced non-finite values (loss, parameters or memory Gram matrices)."""
+
+
+def _without_secrets(recipe: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The recipe as results.json and the model card show it: a Hub token given in it is never written."""
+    if recipe is None or not (recipe.get("hub") or {}).get("token"):
+        return recipe
+    return {**recipe, "hub": {**recipe["hub"], "token": "<redacted>"}}
 
 
 def continual_scores(matrix: AccuracyMatrix) -> dict[str, Any]:
@@ -184,6 +216,8 @@ class ContinualTrainer(Trainer):
         self.projection_callback = ProjectionCallback(model)
         self.add_callback(self.projection_callback)
         self._later_task_args = {key: getattr(args, key) for key in self.first_task_args}
+        # Taken now: the per-task configuration changes these fields while the run goes on.
+        self._run_arguments = {key: getattr(args, key, None) for key in FINGERPRINT_ARGUMENTS}
 
     @staticmethod
     def _check_distributed_support(args: TrainingArguments) -> None:
@@ -223,11 +257,33 @@ class ContinualTrainer(Trainer):
                 self.accelerator.num_processes
             )
         if not finite:
-            raise FloatingPointError(
-                f"non-finite loss ({loss.item()}) in task {self.current_task} at step {self.state.global_step}; "
-                f"the last per-task checkpoint in {self.args.output_dir} is intact"
-            )
+            self._raise_diverged(f"non-finite loss ({loss.item()})")
         return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ divergence
+    def _raise_diverged(self, what: str) -> None:
+        """Stop with a `TrainingDivergedError` naming task, step, the setting to lower and the intact checkpoint."""
+        latest = self.latest_checkpoint()
+        intact = (
+            f"the last intact checkpoint is {latest} (continue from it with --resume)"
+            if latest is not None
+            else f"no task had finished, so {self.args.output_dir} holds no checkpoint of this run"
+        )
+        raise TrainingDivergedError(
+            f"training diverged in task {self.current_task} at step {self.state.global_step}: {what}. Lower the "
+            f"learning rate (recipe: training.base_lr; now lr={self.args.learning_rate:g}) or "
+            f"training.max_grad_norm (now {self.args.max_grad_norm}); {intact}"
+        )
+
+    def check_finite_parameters(self) -> None:
+        """Raise `TrainingDivergedError` if any adapter parameter holds NaN/inf (one check per task)."""
+        bad = [
+            name
+            for name, parameter in self.model.named_parameters()
+            if not name.startswith("backbone.") and not bool(torch.isfinite(parameter.detach()).all())
+        ]
+        if bad:
+            self._raise_diverged(f"non-finite values in parameter(s) {bad[:8]}")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # global_step restarts every task: tag every record with the task it belongs to.
@@ -289,7 +345,12 @@ class ContinualTrainer(Trainer):
         reduce_fn = None
         if self.accelerator.num_processes > 1:
             reduce_fn = lambda tensor: self.accelerator.reduce(tensor, reduction="sum")  # noqa: E731
-        updates = update_memory(self.model, self._memory_batches(task_id), task_id, reduce_fn=reduce_fn)
+        try:
+            updates = update_memory(self.model, self._memory_batches(task_id), task_id, reduce_fn=reduce_fn)
+        except NonFiniteMemoryError as error:
+            self._raise_diverged(str(error))
+        except torch.linalg.LinAlgError as error:  # finite but astronomically large values
+            self._raise_diverged(f"the memory update's eigendecomposition failed ({error})")
         self._sync_memory()
         ranks = self.model.memory.ranks()
         if self.is_world_process_zero():
@@ -345,11 +406,22 @@ class ContinualTrainer(Trainer):
                 "memory_ranks": result.memory_ranks,
                 "manifest": self.splits.to_manifest(),
                 "seed": self.args.seed,
+                "fingerprint": self.run_fingerprint(),
             }
             atomic_write_text(staging / STATE_NAME, json.dumps(state, indent=2) + "\n")
             replace_dir(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def run_fingerprint(self) -> dict[str, Any]:
+        """What defines this run (see `run_folder.run_fingerprint`): a resume must match it exactly."""
+        return run_fingerprint(
+            recipe=self.recipe,
+            adapter_config=self.model.config.to_dict(),
+            training={**self._run_arguments, "first_task": self.first_task_args, "online": self.online},
+            manifest=self.splits.to_manifest(),
+            seed=self.args.seed,
+        )
 
     def latest_checkpoint(self) -> Path | None:
         root = Path(self.args.output_dir)
@@ -377,6 +449,19 @@ class ContinualTrainer(Trainer):
                 raise ValueError(
                     f"checkpoint {path} was written for another split ({key}: {saved[key]} vs {current[key]}); "
                     "resume with the same data, class order and task count, or use another output_dir"
+                )
+        saved_fingerprint = state.get("fingerprint")
+        if saved_fingerprint is None:
+            logger.warning(
+                "checkpoint %s has no run fingerprint (older pgp_peft): only the split is checked", path
+            )
+        else:
+            differences = fingerprint_differences(saved_fingerprint, self.run_fingerprint())
+            if differences:
+                raise ValueError(
+                    f"checkpoint {path} belongs to another run; differing settings: {'; '.join(differences[:8])}"
+                    f"{' ...' if len(differences) > 8 else ''}. Resume with the same settings, or start a new run "
+                    "with --overwrite_output_dir or another --output_dir"
                 )
         device = next(self.model.parameters()).device
         self.model.load_adapter_state_dict(
@@ -459,6 +544,7 @@ class ContinualTrainer(Trainer):
             self._configure_task(task_id)
             logger.info("task %d/%d: %d training samples", task_id + 1, num_tasks, len(self.train_dataset))
             self.train()
+            self.check_finite_parameters()  # before the memory update: its eigh would fail on NaN
             if staged is not None:
                 self.model.memory.load_state_dict(staged)
             elif timing == "end":
@@ -513,7 +599,7 @@ class ContinualTrainer(Trainer):
             "memory_ranks": result.memory_ranks,
             "manifest": self.splits.to_manifest(),
             "config": self.model.config.to_dict(),
-            "recipe": self.recipe,
+            "recipe": _without_secrets(self.recipe),
         }
 
     def model_card_kwargs(self, result: ContinualResult) -> dict[str, Any]:

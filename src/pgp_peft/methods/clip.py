@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..backbones import VisionBackbone
-from ..config import PROMPT_INITS, PromptGradientProjectionConfig, check_choice, check_int, fail
+from ..config import PROMPT_INITS, PromptGradientProjectionConfig, check_choice, check_int, check_types, fail
 from ..heads import TextContextHead
 from ..projection import reference_pca
 from ..prompts import ImagePrompt
@@ -68,6 +68,10 @@ class CLIPPromptConfig(PromptGradientProjectionConfig):
         "head_type": "token",
         "pull_constraint_coeff": 0.0,
     }
+
+    def check_field_types(self) -> None:
+        super().check_field_types()
+        check_types(self, strings=("text_template", "prompt_init"))
 
     def validate(self, num_hidden_layers: int | None = None) -> None:
         super().validate(num_hidden_layers)

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..backbones import VisionBackbone
-from ..config import PROMPT_INITS, PromptGradientProjectionConfig, check_choice, check_int, fail
+from ..config import PROMPT_INITS, PromptGradientProjectionConfig, check_choice, check_int, check_types, fail
 from ..projection import reference_pca
 from ..prompts import PrefixPromptPool, PromptSelection
 from .base import MethodCard, MethodOutput, PGPMethod, ProtectedSlice
@@ -69,10 +69,15 @@ class DualPromptConfig(PromptGradientProjectionConfig):
         "text_template": "{}.",
     }
 
-    def __post_init__(self) -> None:
-        self.g_prompt_layers = [int(i) for i in self.g_prompt_layers]
-        self.e_prompt_layers = [int(i) for i in self.e_prompt_layers]
-        super().__post_init__()
+    def check_field_types(self) -> None:
+        super().check_field_types()
+        check_types(
+            self,
+            strings=("prompt_init", "key_init"),
+            bools=("batchwise_prompt", "prompt_mask", "shared_pool_copy"),
+            numbers=("pull_constraint_coeff",),
+            int_lists=("g_prompt_layers", "e_prompt_layers"),
+        )
 
     def validate(self, num_hidden_layers: int | None = None) -> None:
         super().validate(num_hidden_layers)

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..backbones import VisionBackbone
-from ..config import PROMPT_INITS, PromptGradientProjectionConfig, check_choice, check_int, fail
+from ..config import PROMPT_INITS, PromptGradientProjectionConfig, check_choice, check_int, check_types, fail
 from ..projection import reference_pca
 from ..prompts import L2PPromptPool, PromptSelection
 from .base import MethodCard, MethodOutput, PGPMethod, ProtectedSlice
@@ -70,6 +70,15 @@ class L2PConfig(PromptGradientProjectionConfig):
         "text_context_length": 16,
         "text_template": "{}.",
     }
+
+    def check_field_types(self) -> None:
+        super().check_field_types()
+        check_types(
+            self,
+            strings=("head_type", "prompt_init", "key_init"),
+            bools=("use_prompt_keys", "batchwise_prompt", "prompt_mask"),
+            numbers=("pull_constraint_coeff",),
+        )
 
     def validate(self, num_hidden_layers: int | None = None) -> None:
         super().validate(num_hidden_layers)
