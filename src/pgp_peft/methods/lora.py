@@ -60,7 +60,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..backbones import VisionBackbone
-from ..config import PromptGradientProjectionConfig, check_int, fail
+from ..config import PromptGradientProjectionConfig, check_int, check_types, fail
 from ..fileio import atomic_write_text
 from .base import MethodCard, MethodOutput, PGPMethod, ProtectedSlice
 
@@ -90,15 +90,9 @@ class LoraPGPConfig(PromptGradientProjectionConfig):
     lora_alpha: float = 10.0
     target_modules: list[str] = field(default_factory=lambda: ["k_proj", "v_proj"])
 
-    def validate(self, num_hidden_layers: int | None = None) -> None:
-        super().validate(num_hidden_layers)
-        check_int(self, "r", minimum=1)
-        if (
-            isinstance(self.lora_alpha, bool)
-            or not isinstance(self.lora_alpha, (int, float))
-            or self.lora_alpha <= 0
-        ):
-            fail("lora_alpha", f"must be a number > 0, got {self.lora_alpha!r}")
+    def check_field_types(self) -> None:
+        super().check_field_types()
+        check_types(self, numbers=("lora_alpha",))
         targets = self.target_modules
         if (
             not isinstance(targets, (list, tuple))
@@ -109,6 +103,13 @@ class LoraPGPConfig(PromptGradientProjectionConfig):
                 "target_modules",
                 f"a non-empty list of linear-layer names (e.g. ['k_proj', 'v_proj']), got {targets!r}",
             )
+        self.target_modules = list(targets)
+
+    def validate(self, num_hidden_layers: int | None = None) -> None:
+        super().validate(num_hidden_layers)
+        check_int(self, "r", minimum=1)
+        if self.lora_alpha <= 0:
+            fail("lora_alpha", f"must be > 0, got {self.lora_alpha!r}")
         if self.projection_space != "feature":
             fail(
                 "projection_space",
