@@ -323,3 +323,44 @@ def test_lora_run_resumed_from_a_task_checkpoint_equals_the_uninterrupted_run(tm
     assert [k for k, v in model.adapter_state_dict().items() if not torch.equal(v, expected[k])] == []
     lora_b = expected["lora.layers.4.attention.v_proj.lora_B.weight"]
     assert float(lora_b.abs().sum()) > 0  # the LoRA matrices did train
+
+
+def test_lora_bf16_keeps_float32_adapter_and_projects(tmp_path, tiny_vit, pixel_values):
+    """bf16 autocast (TrainingArguments(bf16=True)): LoRA weights and their gradients stay float32 and the
+    whole-task change of task 2 (SGD) stays out of the protected spaces; a bf16 backbone gets float32 LoRA."""
+    from transformers import TrainerCallback
+
+    splits = tiny_cl.make_splits(num_tasks=2)
+    model = tiny_cl.make_model("lora", num_classes=4)
+    seen: set[tuple[torch.dtype, torch.dtype]] = set()
+
+    class DtypeProbe(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            seen.update((p.dtype, p.grad.dtype) for p, _, _ in model.protected_slices() if p.grad is not None)
+
+    snapshots = tiny_cl.TaskSnapshots()
+    trainer = tiny_cl.make_trainer(
+        model, splits, str(tmp_path), callbacks=[DtypeProbe(), snapshots], bf16=True
+    )
+    snapshots.trainer = trainer
+    trainer.train_continual()
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert seen == {(torch.float32, torch.float32)}
+    # The change of task 2 inside the protected spaces, relative to the whole LoRA change of task 2. (Not
+    # per slice: a full B space, or a q_proj whose new inputs already lie in span(U), has a float-noise
+    # change whose direction is arbitrary.)
+    bases = snapshots.bases[1]
+    deltas = [
+        (after.double() - before.double(), names[0])
+        for before, after, (_, _, names) in zip(
+            snapshots.before[1], snapshots.after[1], model.protected_slices()
+        )
+    ]
+    total = sum(float(delta.norm()) ** 2 for delta, _ in deltas) ** 0.5
+    inside = max(float((delta @ bases[name].double()).norm()) for delta, name in deltas)
+    assert total > 1e-3 and inside < 1e-4 * total, (inside, total)  # float32 rounding of the steps
+
+    half = get_pgp_model(tiny_vit().to(torch.bfloat16), Config.lora(num_classes=4, r=2))
+    assert {w.dtype for p in half.method.layer_paths for w in half.method.lora_weights(p)} == {torch.float32}
+    rows = half.method.memory_rows(pixel_values.to(torch.bfloat16), task_id=0)
+    assert {r.dtype for r in rows.values()} == {torch.float32}
