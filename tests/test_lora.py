@@ -60,6 +60,8 @@ def test_lora_config_preset_and_round_trip():
         ({"target_modules": []}, "target_modules"),
         ({"target_modules": "q_proj"}, "target_modules"),
         ({"projection_space": "reference"}, "projection_space"),
+        ({"lora_b_threshold": 1.5}, "lora_b_threshold"),
+        ({"lora_b_threshold": "0.9"}, "lora_b_threshold"),
     ],
 )
 def test_lora_bad_config_values_name_the_field(overrides, key):
@@ -245,6 +247,22 @@ def test_lora_projection_keeps_old_outputs_per_layer(tiny_vit, adam):
         # not vacuous: with projection both A and B still learn
         assert moved_p[path][0] > 1e-3 and moved_p[path][1] > 1e-3, (path, moved_p[path])
     assert feature_n > 1e-2 and feature_p < 1e-5
+
+
+def test_lora_b_threshold_applies_to_the_b_spaces_only(tiny_vit):
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    ranks = {}
+    for b_threshold in (None, 0.5):
+        model = make_lora(tiny_vit, r=4, prompt_threshold=0.999, lora_b_threshold=b_threshold)
+        randomise_lora(model)
+        assert model.method.threshold("layers.0.attention.v_proj.lora_B") == (b_threshold or 0.999)
+        assert model.method.threshold("layers.0.attention.v_proj.lora_A") == 0.999
+        update_memory(model, [images], task_id=0)
+        ranks[b_threshold] = model.memory.ranks()
+    a_spaces = [name for name in ranks[None] if name.endswith(".lora_A")]
+    b_spaces = [name for name in ranks[None] if name.endswith(".lora_B")]
+    assert all(ranks[0.5][name] == ranks[None][name] for name in a_spaces)
+    assert all(ranks[0.5][name] < ranks[None][name] for name in b_spaces)
 
 
 def test_lora_threshold_below_one_fills_the_small_b_space(tiny_vit):

@@ -81,14 +81,19 @@ class LoraPGPConfig(PromptGradientProjectionConfig):
         component). On transformers 5.x ViT: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `fc1`, `fc2`; on CLIP
         only the vision tower's are adapted. InfLoRA adapts keys and values.
 
-    The protected spaces use `prompt_threshold` (there is no key space). `projection_space` must be
-    `"feature"`.
+    lora_b_threshold: energy threshold of the `B` spaces (the down-projections z = A x, dimension r);
+        None = `prompt_threshold`, which the `A` spaces (the layer inputs) always use. The `B` spaces fill up
+        within a few tasks at high thresholds (z has only r dimensions), freezing `B`; a lower value here
+        keeps `B` learning.
+
+    `projection_space` must be `"feature"`.
     """
 
     method: str = "lora"
     r: int = 10
     lora_alpha: float = 10.0
     target_modules: list[str] = field(default_factory=lambda: ["k_proj", "v_proj"])
+    lora_b_threshold: float | None = None
 
     def check_field_types(self) -> None:
         super().check_field_types()
@@ -110,6 +115,11 @@ class LoraPGPConfig(PromptGradientProjectionConfig):
         check_int(self, "r", minimum=1)
         if self.lora_alpha <= 0:
             fail("lora_alpha", f"must be > 0, got {self.lora_alpha!r}")
+        value = self.lora_b_threshold
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0
+        ):
+            fail("lora_b_threshold", f"threshold must lie in (0, 1] or be null, got {value!r}")
         if self.projection_space != "feature":
             fail(
                 "projection_space",
@@ -168,7 +178,7 @@ class LoraPGPMethod(PGPMethod):
             "also as a peft adapter (adapter_config.json + adapter_model.safetensors, loadable with "
             "peft.PeftModel.from_pretrained)"
         ),
-        settings=("r", "lora_alpha", "target_modules"),
+        settings=("r", "lora_alpha", "target_modules", "lora_b_threshold"),
         tags=("lora", "peft"),
         selection_text=(
             "not applicable: LoRA adapts the backbone's linears, every image passes through the same adapted "
@@ -233,6 +243,12 @@ class LoraPGPMethod(PGPMethod):
             spaces[f"{path}.{SPACE_A}"] = a.shape[1]
             spaces[f"{path}.{SPACE_B}"] = a.shape[0]
         return spaces
+
+    def threshold(self, space: str) -> float:
+        """ε of a space: `lora_b_threshold` (if set) for the `B` spaces, `prompt_threshold` otherwise."""
+        if space.endswith(f".{SPACE_B}") and self.config.lora_b_threshold is not None:
+            return float(self.config.lora_b_threshold)
+        return float(self.config.prompt_threshold)
 
     def protected_slices(self) -> list[ProtectedSlice]:
         """(lora_A.weight (r, d_in), (), [A space]) and (lora_B.weight (d_out, r), (), [B space]) per
