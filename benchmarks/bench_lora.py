@@ -25,14 +25,16 @@ import common
 import numpy as np
 import torch
 
-# (label, use_pgp, threshold, project_update)
+# (label, use_pgp, threshold, project_update, lora_b_threshold)
 VARIANTS = [
-    ("lora", False, None, False),
-    ("lora-pgp eps=0.97", True, 0.97, False),
-    ("lora-pgp eps=0.97 +update", True, 0.97, True),
-    ("lora-pgp eps=0.99 +update", True, 0.99, True),
-    ("lora-pgp eps=0.90 +update", True, 0.90, True),
-    ("lora-pgp eps=0.999 +update", True, 0.999, True),
+    ("lora", False, None, False, None),
+    ("lora-pgp eps=0.97", True, 0.97, False, None),
+    ("lora-pgp eps=0.97 +update", True, 0.97, True, None),
+    ("lora-pgp eps=0.99 +update", True, 0.99, True, None),
+    ("lora-pgp eps=0.90 +update", True, 0.90, True, None),
+    ("lora-pgp eps=0.999 +update", True, 0.999, True, None),
+    ("lora-pgp eps=0.999 B 0.97 +update", True, 0.999, True, 0.97),
+    ("lora-pgp eps=0.99 B 0.9 +update", True, 0.99, True, 0.9),
 ]
 LORA = {"r": 10, "lora_alpha": 10.0, "target_modules": ["k_proj", "v_proj"]}  # InfLoRA's r and targets
 
@@ -52,7 +54,14 @@ def _layer_outputs(
 
 
 def lora_run(
-    *, splits, backbone_model, use_pgp: bool, threshold: float | None, project_update: bool, seed: int
+    *,
+    splits,
+    backbone_model,
+    use_pgp: bool,
+    threshold: float | None,
+    project_update: bool,
+    seed: int,
+    lora_b_threshold: float | None = None,
 ):
     from transformers import TrainerCallback
 
@@ -113,6 +122,8 @@ def lora_run(
     overrides = {"memory_samples": protocol["memory_samples"], "project_update": project_update, **LORA}
     if threshold is not None:
         overrides["prompt_threshold"] = threshold
+    if lora_b_threshold is not None:
+        overrides["lora_b_threshold"] = lora_b_threshold
     result = common.continual_run(
         splits=splits,
         backbone_model=backbone_model,
@@ -149,7 +160,11 @@ def trainable_parameters() -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--variants", default=",".join(label for label, *_ in VARIANTS))
+    parser.add_argument(
+        "--variants",
+        default=",".join(label for label, *_ in VARIANTS),
+        help="comma-separated labels to run; the runs of the other variants already in results/lora.json are kept",
+    )
     args = parser.parse_args()
     threads = common.set_threads()
     protocol = common.PROTOCOL
@@ -157,6 +172,12 @@ def main() -> None:
     started = time.perf_counter()
     backbone_model = common.shipped_backbone()
     counts = trainable_parameters()
+    previous = common.RESULTS / "lora.json"
+    kept = (
+        [r for r in common.load_json(previous)["runs"] if r["variant"] not in wanted]
+        if previous.exists()
+        else []
+    )
     runs, sources = [], set()
     for seed in common.seeds():
         splits, source = common.make_splits(
@@ -167,7 +188,7 @@ def main() -> None:
             protocol["num_tasks"],
         )
         sources.add(source)
-        for label, use_pgp, threshold, project_update in VARIANTS:
+        for label, use_pgp, threshold, project_update, b_threshold in VARIANTS:
             if label not in wanted:
                 continue
             run_started = time.perf_counter()
@@ -178,10 +199,12 @@ def main() -> None:
                 threshold=threshold,
                 project_update=project_update,
                 seed=seed,
+                lora_b_threshold=b_threshold,
             )
             result.update(
                 trainable_parameters=counts["lora"],
                 variant=label, use_pgp=use_pgp, threshold=threshold, project_update=project_update, seed=seed,
+                lora_b_threshold=b_threshold,
                 seconds=time.perf_counter() - run_started,
             )  # fmt: skip
             runs.append(result)
@@ -205,7 +228,8 @@ def main() -> None:
             "torch_threads": threads,
             "environment": common.environment(),
             "seconds": time.perf_counter() - started,
-            "runs": runs,
+            "runs": kept + runs,
+            "runs_kept_from_an_earlier_invocation": len(kept),
         },
     )
 
