@@ -193,6 +193,47 @@ def section_forgetting() -> str:
     )
 
 
+def section_head_init_change() -> str:
+    """§1 before and after the head-initialisation fix (results/before_head_init/: the §1 JSON of the
+    run made with torch's default `nn.Linear` head, kept for this comparison)."""
+    before = []
+    for name in ("forgetting_fashion_mnist.json", "forgetting_digits.json"):
+        data = load(f"before_head_init/{name}")
+        if data:
+            before.extend(data["runs"])
+    after = forgetting_runs()
+    if not before or not after:
+        return "_no before/after results_"
+    metrics = [("average_accuracy", "avg acc"), ("forgetting_paper", "forgetting (paper)"),
+               ("new_task_accuracy", "new-task acc"), ("task_il_average_accuracy", "task-IL avg acc")]  # fmt: skip
+    header = ["data", "backbone", "method"] + [f"{label}: before → after" for _, label in metrics]
+    rows = []
+    for dataset in ("fashion_mnist", "digits"):
+        for kind in ("pretrained", "random"):
+            for method in ("l2p", "dualprompt"):
+                for use_pgp in (False, True):
+                    key = (dataset, kind, method, use_pgp)
+                    old = [
+                        r for r in before if (r["dataset"], r["backbone"], r["method"], r["use_pgp"]) == key
+                    ]
+                    new = [
+                        r for r in after if (r["dataset"], r["backbone"], r["method"], r["use_pgp"]) == key
+                    ]
+                    if not old or not new:
+                        continue
+                    name = METHOD_NAMES[method] + ("-PGP" if use_pgp else "")
+                    cells = [
+                        f"{mean_std([r[m] for r in old])} → {mean_std([r[m] for r in new])}"
+                        for m, _ in metrics
+                    ]
+                    rows.append([DATASET_NAMES[dataset], BACKBONE_NAMES[kind], name, *cells])
+    return (
+        "Same protocol and seeds; *before*: the head kept torch's default `nn.Linear` init (U(±1/√D) "
+        "weights and bias); *after*: timm's ViT head init, as the reference (trunc-normal std 0.02, zero "
+        "bias). Mean ± std over seeds, in %.\n\n" + table(header, rows, "lll" + "r" * len(metrics))
+    )
+
+
 def section_verdict() -> str:
     runs = forgetting_runs()
     if not runs:
@@ -574,6 +615,160 @@ def section_scaling() -> str:
     return "\n\n".join(out)
 
 
+CONFIG_LABELS = {
+    "before": "before: no cache",
+    "eval_query_cache": "+ eval query cache only",
+    "train_query_cache": "+ training query cache only",
+    "decode_cache": "+ decode cache only",
+    "after": "after: all on (defaults)",
+}
+
+
+def section_run() -> str:
+    data = load("run.json")
+    if data is None:
+        return "_not run yet: `python benchmarks/bench_run.py`_"
+    runs = data["whole_runs"]
+    protocol = data["protocol"]
+    out = [
+        f"**Whole 5-task runs** ({data['model']}; {data['data_source']}; {protocol['epochs']} epochs, batch "
+        f"{protocol['batch_size']}, eval batch 128, {protocol['train_per_class'] * 2} training and "
+        f"{protocol['test_per_class'] * 2} test images per task, PGP on; {runs['rounds']} interleaved rounds; "
+        "seconds are medians over rounds; ratios are medians of the per-round ratios to `before` (min–max); CPU "
+        "time is the single-threaded process's own, wall time includes waiting for the shared cores)",
+        "",
+    ]
+    for method, entry in runs["methods"].items():
+        rows = []
+        for config, values in entry["configs"].items():
+            cpu, cpu_ratio = values["median_cpu_seconds"], values["cpu_ratio_vs_before"]
+            wall_ratio = values["ratio_vs_before"]
+
+            def r(ratios, phase):
+                item = ratios.get(phase)
+                return "–" if item is None else f"{item['median']:.2f} ({item['min']:.2f}–{item['max']:.2f})"
+
+            rows.append(
+                [
+                    CONFIG_LABELS.get(config, config),
+                    " / ".join(f"{cpu[p]:.1f}" for p in ("train", "memory", "evaluation", "other")),
+                    f"{cpu['total']:.1f}",
+                    r(cpu_ratio, "train"),
+                    r(cpu_ratio, "memory"),
+                    r(cpu_ratio, "evaluation"),
+                    r(cpu_ratio, "total"),
+                    f"{values['median_seconds']['total']:.1f}",
+                    r(wall_ratio, "evaluation"),
+                    r(wall_ratio, "total"),
+                    "✅ equal" if values["accuracy_matrix_equal_to_before"] else "❌ differs",
+                    f"{values['query_cache_bytes'] / 1024:.0f} / {values['decoded_image_bytes'] / 1024:.0f}",
+                ]
+            )
+        out += [
+            f"*{METHOD_NAMES[method]}*",
+            "",
+            table(
+                [
+                    "configuration",
+                    "CPU s: train / memory / eval / other",
+                    "CPU s total",
+                    "CPU ratio train",
+                    "CPU ratio memory",
+                    "CPU ratio evaluation",
+                    "CPU ratio total",
+                    "wall s total",
+                    "wall ratio evaluation",
+                    "wall ratio total",
+                    "accuracy matrices vs before",
+                    "query cache / decoded images (KiB)",
+                ],
+                rows,
+            ),
+            "",
+        ]
+        after_cpu = entry["configs"]["after"]["cpu_ratio_vs_before"]
+        after_wall = entry["configs"]["after"]["ratio_vs_before"]
+        targets = runs["targets"]
+        out.append(
+            f"{METHOD_NAMES[method]}, all options on vs off: evaluation {after_cpu['evaluation']['median']:.2f}× "
+            f"CPU time ({after_wall['evaluation']['median']:.2f}× wall), target ≤ {targets['evaluation']}: "
+            f"{met(after_cpu['evaluation']['median'], targets['evaluation'])}; whole run "
+            f"{after_cpu['total']['median']:.2f}× CPU time ({after_wall['total']['median']:.2f}× wall), target ≤ "
+            f"{targets['total']}: {met(after_cpu['total']['median'], targets['total'])}."
+        )
+        out.append("")
+    step = data["step"]
+    rows = []
+    for method in ("l2p", "dualprompt"):
+        before = step["step_ms"][f"{method}_before"]["median_ms"]
+        after = step["step_ms"][f"{method}_after"]["median_ms"]
+        rows.append(
+            [
+                METHOD_NAMES[method],
+                f"{before:.1f}",
+                f"{after:.1f}",
+                f"{step['after_vs_before'][method]['median']:.2f}",
+                f"{step['ratio_vs_frozen_backprop'][f'{method}_before']['median']:.2f}",
+                f"{step['ratio_vs_frozen_backprop'][f'{method}_after']['median']:.2f}",
+            ]
+        )
+    out += [
+        f"**Training step vs a frozen forward+backward** (batch {step['batch_size']}, forward + backward + clip + "
+        f"project + Adam; frozen fwd+bwd: {step['step_ms']['frozen_backprop']['median_ms']:.1f} ms; interleaved, "
+        "medians of per-round ratios). Before: the step runs the frozen query pass; after: the query comes "
+        "from the cache (every epoch after the first without augmentation).",
+        "",
+        table(
+            [
+                "method",
+                "step before (ms)",
+                "step after (ms)",
+                "after / before",
+                "before / frozen fwd+bwd",
+                "after / frozen fwd+bwd",
+            ],
+            rows,
+        ),
+    ]
+    loader = data["loader"]
+    rates = loader["images_per_second"]
+    out += [
+        "",
+        f"**Data path** (training DataLoader alone, batch {loader['batch_size']}, decode + reference transform + "
+        f"collate, main process): decoding every time {rates['decode_every_time']:.0f} images/s; with the "
+        f"decode cache {rates['decode_cache_first_pass']:.0f} images/s in the first pass and "
+        f"{rates['decode_cache_warm']:.0f} images/s afterwards "
+        f"({loader['decoded_bytes'] / 1024:.0f} KiB of decoded pixels); the L2P training step itself runs "
+        f"at {loader['step_images_per_second']:.0f} images/s.",
+    ]
+    share = data["embeddings"]
+    out += [
+        "",
+        f"**Shared patch embeddings?** The embeddings (patch projection + position) take "
+        f"{share['embeddings_ms']['median_ms']:.2f} ms of a {share['query_pass_ms']['median_ms']:.1f} ms query "
+        f"pass ({100 * share['share_of_query_pass']['median']:.1f} %): not worth sharing.",
+    ]
+    compiled = data.get("compile")
+    if compiled:
+        out += [
+            "",
+            f"**torch.compile** (L2P step with cached query, batch {compiled['batch_size']}): first compiled step "
+            "(inductor cache as left by earlier runs) "
+            f"{compiled['first_compiled_step_seconds']:.0f} s; steady state compiled / eager "
+            f"{compiled['compiled_vs_eager']['median']:.2f} "
+            f"({compiled['compiled_vs_eager']['p25']:.2f}–{compiled['compiled_vs_eager']['p75']:.2f}); "
+            f"max |logit difference| {compiled['max_abs_logit_difference']:.1e}.",
+        ]
+    whole = data.get("compile_whole_runs")
+    if whole:
+        eager, compiled_runs = whole["cpu_seconds"]["eager"], whole["cpu_seconds"]["compiled"]
+        out[-1] += (
+            " Whole L2P runs (all caches on), CPU seconds eager vs compiled: "
+            f"{eager[0]['total']:.1f} vs {compiled_runs[0]['total']:.1f} with a cold inductor cache, "
+            f"{eager[1]['total']:.1f} vs {compiled_runs[1]['total']:.1f} with a warm one; accuracy matrices "
+            + ("equal." if whole["accuracy_matrix_equal"] else "different.")
+        )
+    return "\n".join(out)
 def section_lora() -> str:
     data = load("lora.json")
     if not data:
@@ -783,9 +978,11 @@ def main() -> None:
         "protocol": section_protocol(),
         "forgetting": section_forgetting(),
         "verdict": section_verdict(),
+        "head_init_change": section_head_init_change(),
         "thresholds": section_thresholds(),
         "cost": section_cost(),
         "scaling": section_scaling(),
+        "run": section_run(),
         "lora": section_lora(),
     }
     for name, body in blocks.items():

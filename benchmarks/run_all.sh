@@ -48,10 +48,11 @@ START=$(date +%s.%N)
 parallel forgetting "python bench_forgetting.py --dataset fashion_mnist" "python bench_forgetting.py --dataset digits"
 # 2. threshold sweep (reuses the eps=0.97 and no-PGP runs of step 1), one method per worker
 parallel thresholds "python bench_thresholds.py --method l2p" "python bench_thresholds.py --method dualprompt"
-# 3./4. cost and scaling: alone, so our own workers do not disturb the timings
+# 3./4./5. cost, scaling and whole-run phases: alone, so our own workers do not disturb the timings
 stage cost python bench_cost.py
 stage scaling python bench_scaling.py
-# 5. LoRA-PGP vs sequential LoRA (reads the L2P / DualPrompt rows of step 1)
+stage run python bench_run.py
+# 6. LoRA-PGP vs sequential LoRA (reads the L2P / DualPrompt rows of step 1)
 stage lora python bench_lora.py
 TOTAL=$(python -c "print(round($(date +%s.%N) - $START, 1))")
 times > "$LOGS/times.txt"   # line 2: user and system CPU time of all finished children

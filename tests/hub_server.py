@@ -1,24 +1,21 @@
 """A loopback, in-memory, Hugging Face Hub-compatible HTTP server for tests.
 
 The machine that runs the test suite has no access to the real Hub, and nothing installable accepts
-uploads offline. This module implements just enough of the Hub HTTP API for the *real*
-``huggingface_hub`` client (2.x, httpx2-based) to create repositories, push files and download them
-back, so ``push_to_hub`` / ``from_pretrained`` / ``hf_hub_download`` / ``snapshot_download`` can be
+uploads offline. This module implements the part of the Hub HTTP API that pgp_peft's own calls need (through the
+*real* ``huggingface_hub`` client, 2.x, httpx2-based): create repositories, push files and download
+them back, so ``push_to_hub`` / ``from_pretrained`` / ``hf_hub_download`` / ``snapshot_download`` can be
 tested end to end without mocking the client.
 
 Scope (each endpoint was written against the client source, not guessed):
 
-* ``POST /api/repos/create``, ``DELETE /api/repos/delete``, ``GET /api/whoami-v2``
+* ``POST /api/repos/create``, ``GET /api/whoami-v2``
 * ``POST /api/validate-yaml`` (model card metadata: invalid YAML -> 400, otherwise accepted)
 * ``GET /api/{type}s/{repo}`` and ``GET /api/{type}s/{repo}/revision/{rev}`` (``model_info``)
 * ``GET /api/{type}s/{repo}/tree/{rev}[/{path}]`` (``list_repo_tree``/``list_repo_files``/snapshots)
-* ``POST /api/{type}s/{repo}/paths-info/{rev}``
 * ``POST /api/{type}s/{repo}/preupload/{rev}``: every file is answered ``"regular"``, which keeps
   Git LFS and Xet out of scope (the client then inlines files in the commit as base64)
 * ``POST /api/{type}s/{repo}/commit/{rev}``: NDJSON ``header``/``file``/``deletedFile``/
   ``deletedFolder`` operations; ``lfsFile`` and pull requests are rejected with a 400
-* ``GET /api/{type}s/{repo}/commits/{rev}``, ``GET /api/{type}s/{repo}/refs``,
-  ``POST``/``DELETE /api/{type}s/{repo}/branch/{branch}``
 * ``GET``/``HEAD /[{type}s/]{repo}/resolve/{rev}/{path}`` with ``X-Repo-Commit``, ``ETag`` (the git
   blob id, as the Hub serves regular files), ``Content-Length`` and ``Range`` support. Files are
   served directly (200, no ``Location`` header), so the client downloads from the resolve URL itself.
@@ -69,9 +66,7 @@ _REPO_TYPES_BY_PLURAL: dict[str, str] = {"models": "model", "datasets": "dataset
 _URL_PREFIXES: dict[str, str] = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 # Path segments that follow a repo id in /api/{type}s/{repo}/... URLs (used to tell a canonical,
 # single-segment repo id such as "gpt2" from a "namespace/name" id).
-_REPO_ACTIONS = frozenset(
-    {"revision", "tree", "paths-info", "preupload", "commit", "commits", "refs", "branch"}
-)
+_REPO_ACTIONS = frozenset({"revision", "tree", "preupload", "commit"})
 _COMMIT_OID = re.compile(r"[0-9a-f]{40}")
 # Same pattern huggingface_hub.repocard uses to find the YAML block of a card.
 _YAML_BLOCK = re.compile(r"^(\s*---[\r\n]+)([\S\s]*?)([\r\n]+---(\r\n|\n|$))")
@@ -517,8 +512,6 @@ class LocalHub:
         method = request.method
         if segments == ["repos", "create"] and method == "POST":
             return self._create_repo(request)
-        if segments == ["repos", "delete"] and method == "DELETE":
-            return self._delete_repo(request)
         if segments == ["validate-yaml"] and method == "POST":
             return self._validate_yaml(request)
         if segments == ["whoami-v2"] and method in ("GET", "HEAD"):
@@ -530,13 +523,8 @@ class LocalHub:
                 (None, "GET"): self._repo_info,
                 ("revision", "GET"): self._repo_info,
                 ("tree", "GET"): self._tree,
-                ("paths-info", "POST"): self._paths_info,
                 ("preupload", "POST"): self._preupload,
                 ("commit", "POST"): self._commit,
-                ("commits", "GET"): self._list_commits,
-                ("refs", "GET"): self._refs,
-                ("branch", "POST"): self._create_branch,
-                ("branch", "DELETE"): self._delete_branch,
             }
             route = routes.get((action, "GET" if method == "HEAD" else method))
             if route is not None:
@@ -584,17 +572,6 @@ class LocalHub:
         return _Response.json(
             {"url": self._repo_url(repo), "name": repo.repo_id, "id": self._new_oid(repo.repo_id)[:24]}
         )
-
-    def _delete_repo(self, request: _Request) -> _Response:
-        user = self._require_user(request)
-        payload = request.json()
-        repo_type = payload.get("type") or "model"
-        repo_id = f"{payload.get('organization') or user}/{payload.get('name')}"
-        key = self._key(repo_type, repo_id)
-        if key not in self._repos:
-            raise _HubError(404, "Repository not found", error_code="RepoNotFound")
-        del self._repos[key]
-        return _Response.json({})
 
     def _validate_yaml(self, request: _Request) -> _Response:
         content = str(request.json().get("content", ""))
@@ -695,42 +672,6 @@ class LocalHub:
         # Folders first, then files, each sorted (like the Hub).
         ordered = sorted(paths, key=lambda p: (p in files, p))
         return _Response.json([self._entry(files, path) for path in ordered])
-
-    def _paths_info(self, request: _Request, repo_type: str, repo_id: str, args: list[str]) -> _Response:
-        repo = self._get_repo(repo_type, repo_id, self._user(request))
-        commit = self._get_commit(repo, "/".join(args) if args else DEFAULT_BRANCH)
-        form = parse_qs(request.body.decode("utf-8"))
-        directories = self._directories(commit.files)
-        entries = [
-            self._entry(commit.files, path.strip("/"))
-            for path in form.get("paths", [])
-            if path.strip("/") in commit.files or path.strip("/") in directories
-        ]
-        return _Response.json(entries)
-
-    def _list_commits(self, request: _Request, repo_type: str, repo_id: str, args: list[str]) -> _Response:
-        repo = self._get_repo(repo_type, repo_id, self._user(request))
-        commit = self._get_commit(repo, "/".join(args) if args else DEFAULT_BRANCH)
-        return _Response.json(
-            [
-                {
-                    "id": item.oid,
-                    "title": item.title,
-                    "message": item.description,
-                    "date": _iso(item.created_at),
-                    "authors": [{"user": item.author}],
-                }
-                for item in repo.history(commit.oid)
-            ]
-        )
-
-    def _refs(self, request: _Request, repo_type: str, repo_id: str, args: list[str]) -> _Response:
-        repo = self._get_repo(repo_type, repo_id, self._user(request))
-        branches = [
-            {"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid}
-            for name, oid in repo.branches.items()
-        ]
-        return _Response.json({"branches": branches, "converts": [], "tags": [], "pullRequests": []})
 
     def _route_resolve(self, request: _Request, segments: list[str]) -> _Response:
         """``GET``/``HEAD /[{datasets,spaces}/]{repo_id}/resolve/{revision}/{path}``."""
@@ -900,29 +841,6 @@ class LocalHub:
                 "pullRequestUrl": None,
             }
         )
-
-    def _create_branch(self, request: _Request, repo_type: str, repo_id: str, args: list[str]) -> _Response:
-        user = self._require_user(request)
-        repo = self._get_repo(repo_type, repo_id, user)
-        branch = "/".join(args)
-        if not branch or branch.startswith("refs/") or _COMMIT_OID.fullmatch(branch):
-            raise _HubError(400, f"Invalid branch name: {branch!r}")
-        if branch in repo.branches:
-            raise _HubError(409, "Reference already exists")
-        start = self._get_commit(repo, request.json().get("startingPoint") or DEFAULT_BRANCH)
-        repo.branches[branch] = start.oid
-        return _Response.json({})
-
-    def _delete_branch(self, request: _Request, repo_type: str, repo_id: str, args: list[str]) -> _Response:
-        user = self._require_user(request)
-        repo = self._get_repo(repo_type, repo_id, user)
-        branch = "/".join(args)
-        if branch == DEFAULT_BRANCH:
-            raise _HubError(403, "Cannot delete the default branch")
-        if branch not in repo.branches:
-            raise _HubError(404, f"Invalid rev id: {branch}", error_code="RevisionNotFound")
-        del repo.branches[branch]
-        return _Response.json({})
 
 
 class _Handler(BaseHTTPRequestHandler):

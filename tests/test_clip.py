@@ -113,6 +113,21 @@ def plain_text_features(clip, tokenizer, texts):
 
 
 # ------------------------------------------------------------------ construction
+def test_preset_initialises_image_prompt_and_contexts_as_the_reference(clip, tokenizer):
+    """Reference CLIP-PGP: the image prompt is an nn.Linear(D, L) weight (U(±1/√D)), every CoOp
+    context N(0, 0.02²)."""
+    torch.manual_seed(0)
+    config = PromptGradientProjectionConfig.clip(
+        class_names=CLASS_NAMES, text_context_length=CONTEXT, image_prompt_length=IMAGE_PROMPT
+    )
+    assert config.prompt_init == "linear"
+    pgp = PGPModel(config, base_model=clip, tokenizer=tokenizer)
+    prompt = pgp.method.image_prompt.prompt
+    assert prompt.abs().max() <= prompt.shape[-1] ** -0.5
+    contexts = torch.cat([context.flatten() for context in pgp.head.text_contexts])
+    assert abs(contexts.std().item() - 0.02) < 0.004 and abs(contexts.mean().item()) < 0.004
+
+
 def test_get_pgp_model_dispatches_and_shapes(clip, tokenizer):
     pgp = get_pgp_model(clip, make_config(), tokenizer=tokenizer)
     assert isinstance(pgp.head, TextContextHead)
@@ -339,3 +354,9 @@ def test_save_load_round_trip(model, clip_template, tokenizer, tmp_path):
     assert torch.equal(got, expected)
     assert torch.equal(loaded.memory.basis("image_prompt"), basis)
     assert loaded.config.class_names == CLASS_NAMES
+
+
+def test_clip_takes_no_precomputed_query(model):
+    """CLIP has no frozen query pass: a query passed in (e.g. from a cache) is an error, not ignored."""
+    with pytest.raises(ValueError, match="takes no query"):
+        model(pixels(), query=torch.zeros(3, model.hidden_size))

@@ -266,3 +266,18 @@ def test_config_from_pretrained_reads_an_adapter_config_json(tmp_path):
     )
     (tmp_path / CONFIG_NAME).write_text(json.dumps(payload))
     assert Config.from_pretrained(tmp_path) == config
+
+
+def test_v0_1_0_fields_another_method_owns_are_dropped_with_a_warning_when_set(caplog):
+    """A 0.1.0 config.json holds every method's fields; those this method does not have had no effect
+    and are dropped: silently at their 0.1.0 value, with a warning naming them otherwise."""
+    payload = Config.dualprompt().to_dict()
+    quiet = {**payload, "head_type": "token", "image_prompt_length": 10, "use_prompt_keys": True}
+    with caplog.at_level("WARNING", logger="pgp_peft.config"):
+        assert Config.from_dict(quiet) == Config.dualprompt()
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="pgp_peft.config"):
+        assert Config.from_dict({**payload, "head_type": "prompt"}) == Config.dualprompt()
+    assert "head_type" in caplog.text
+    with pytest.raises(ValueError, match=r"unknown field\(s\) 'head_typ'"):
+        Config.from_dict({**payload, "head_typ": "prompt"})

@@ -2,7 +2,7 @@
 
 The real `huggingface_hub` client talks to an in-process Hub-compatible server, so uploads, commits,
 revisions, private repos and refused pushes are exercised end to end without the real Hub. The adapter is
-a tiny DualPrompt-PGP trained by the `demo` recipe on the tiny stand-ins of `tiny_assets.py`.
+a tiny L2P-PGP trained by the `demo` recipe on the tiny stand-ins of `tiny_assets.py`.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def assets(tmp_path_factory) -> TinyAssets:
 
 @pytest.fixture(scope="module")
 def trained(assets, tmp_path_factory) -> TrainedRun:
-    """The demo recipe (DualPrompt-PGP) on the tiny ViT and imagefolder, 2 tasks: adapter + run files."""
+    """The demo recipe (L2P-PGP) on the tiny ViT and imagefolder, 2 tasks: adapter + run files."""
     recipe = load_recipe("demo")
     recipe = apply_overrides(recipe, [*assets.overrides(recipe), f"data.num_tasks={NUM_TASKS}"])
     run_dir = tmp_path_factory.mktemp("demo_run")
@@ -108,7 +108,7 @@ def repo_text(hub: LocalHub, repo_id: str, path: str, revision: str = "main") ->
 
 # ----------------------------------------------------------------------------- push and load
 def test_push_uploads_adapter_and_run_files(local_hub_server: LocalHub, trained: TrainedRun):
-    repo_id = f"{DEFAULT_USER}/dualprompt-pgp-demo"
+    repo_id = f"{DEFAULT_USER}/l2p-pgp-demo"
     url = trained.model.push_to_hub(repo_id, output_dir=trained.run_dir)
     assert str(url).startswith(local_hub_server.url)
 
@@ -121,10 +121,10 @@ def test_push_uploads_adapter_and_run_files(local_hub_server: LocalHub, trained:
     for name in (*RUN_FILES, "config.json", "model.safetensors"):
         assert files[name] == (trained.run_dir / name).read_bytes(), name
     config = json.loads(files["config.json"])
-    assert config["library_name"] == "pgp_peft" and config["method"] == "dualprompt"
+    assert config["library_name"] == "pgp_peft" and config["method"] == "l2p"
     card = ModelCard(files["README.md"].decode("utf-8"))
     assert card.data.library_name == "pgp_peft"
-    assert {"pgp_peft", "continual-learning", "dualprompt", "pgp"} <= set(card.data.tags)
+    assert {"pgp_peft", "continual-learning", "l2p", "pgp"} <= set(card.data.tags)
     assert f'PGPModel.from_pretrained("{repo_id}")' in card.text
 
 

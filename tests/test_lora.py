@@ -245,7 +245,7 @@ def test_lora_projection_keeps_old_outputs_per_layer(tiny_vit, adam):
         assert change_n[path] > 1e-2, f"{path}: the unprojected run must actually drift"
         assert change_p[path] < 1e-5, (path, change_p[path], change_n[path])  # float32 rounding
         # not vacuous: with projection both A and B still learn
-        assert moved_p[path][0] > 1e-3 and moved_p[path][1] > 1e-3, (path, moved_p[path])
+        assert moved_p[path][0] > 1e-4 and moved_p[path][1] > 1e-4, (path, moved_p[path])
     assert feature_n > 1e-2 and feature_p < 1e-5
 
 

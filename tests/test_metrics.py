@@ -13,8 +13,10 @@ from pgp_peft.metrics import (
     average_accuracy,
     backward_transfer,
     forgetting,
+    format_comparison,
     format_matrix,
     matrix_to_markdown,
+    plasticity,
     plot_accuracy_curves,
     plot_accuracy_matrix,
     summarize,
@@ -143,6 +145,20 @@ def test_summarize_and_tables() -> None:
     markdown = matrix_to_markdown(IMPROVING)
     assert len(markdown.splitlines()) == 2 + 3
     assert markdown.splitlines()[2] == "| 0 | 80.00 | 60.00 | 90.00 |"
+
+
+def test_plasticity_and_side_by_side_comparison() -> None:
+    assert plasticity(DROPPING) == pytest.approx((90 + 85 + 95) / 3)
+    assert plasticity(IMPROVING) == pytest.approx((80 + 70 + 50) / 3)
+    runs = {"L2P-PGP": summarize(DROPPING), "L2P (no PGP)": summarize(IMPROVING)}
+    lines = format_comparison(runs).splitlines()
+    assert lines[0].split() == ["L2P-PGP", "L2P", "(no", "PGP)"]
+    rows = {line[:50].strip(): line[50:].split() for line in lines[1:]}
+    assert rows["average accuracy, class-IL (higher is better)"] == ["80.00", "63.33"]
+    assert rows["forgetting, paper definition (lower is better)"] == ["15.00", "5.00"]
+    assert rows["forgetting, reference code (lower is better)"] == ["15.00", "10.00"]
+    assert rows["task 0 accuracy at the end"] == ["70.00", "90.00"]
+    assert not any("task-IL" in line for line in lines)  # only when every summary has it
 
 
 def test_write_results_json_is_strict_and_atomic(tmp_path) -> None:

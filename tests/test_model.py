@@ -420,6 +420,16 @@ def test_unsupported_base_model_raises_type_error_naming_supported_classes():
             assert name in message
 
 
+@pytest.mark.parametrize("build", [l2p_model, dual_model])
+def test_head_starts_as_the_timm_vit_head(tiny_vit, build):
+    """The reference trains timm's ViT head: trunc-normal weights (std 0.02), zero bias; not
+    nn.Linear's default U(±1/√D) (std ≈ 0.10 at D = 32) with a random bias."""
+    model = build(tiny_vit, num_classes=300)  # 300 x 32 weights: the std is measured to ±0.001
+    assert torch.equal(model.head.bias, torch.zeros(300))
+    assert abs(model.head.weight.std().item() - 0.02) < 0.001
+    assert abs(model.head.weight.mean().item()) < 0.001
+
+
 def test_get_pgp_model_overrides_num_classes(tiny_vit):
     model = get_pgp_model(tiny_vit(), Config.l2p(pool_size=4, top_k=2), num_classes=7)
     assert model.head.out_features == 7 and model.config.num_classes == 7

@@ -291,3 +291,97 @@ def test_dualprompt_memory_skips_the_query_pass_but_records_the_same_queries():
     assert set(expected) == set(grams)
     for name, gram in expected.items():
         assert torch.allclose(grams[name], gram, rtol=1e-6, atol=1e-8), name
+
+
+def _reference_dualprompt():
+    """A tiny reference-mode DualPrompt (memory_samples must equal D = 32 there)."""
+    return tiny_cl.make_model(
+        "dualprompt", num_classes=4, projection_space="reference", memory_samples=32
+    ).eval()
+
+
+def _prefix_rows(model, pixel_values: torch.Tensor, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+    rows: dict[str, torch.Tensor] = {}
+
+    def record(layer, query):
+        rows[f"prefix_l{layer}"] = query.flatten(1).float()
+
+    with torch.no_grad():
+        prefixes = model.method.prefix_pool.prefixes(pixel_values.shape[0], slots)
+        model.backbone(pixel_values, prefixes=prefixes, query_recorder=record)
+    return rows
+
+
+def test_reference_dualprompt_memory_selects_e_prompts_as_the_reference_memory_pass():
+    """Reference `get_prefix_matrix`: `model(input)` in eval mode, no task id, no frozen CLS features,
+    so each sample picks its E-prompt by key against the token-wise max of its embedded input, not
+    the task's slot (which feature mode uses)."""
+    from pgp_peft.memory import collect_reference_rows
+
+    torch.manual_seed(0)
+    model = _reference_dualprompt()
+    pixel_values = torch.rand(5, 3, 16, 16)
+    with torch.no_grad():
+        query = model.backbone.embeddings(pixel_values).amax(dim=1)  # (B, D)
+        keys = -query.mean(0).expand(model.config.pool_size, -1).clone()
+        keys[2] = query.mean(0)  # slot 2 matches every sample's max-pooled embedding
+        model.method.prefix_pool.e_key.copy_(keys)
+        frozen_cls = model.backbone.query(pixel_values)
+    from pgp_peft.methods.prompt_selection import task_slots
+
+    assert task_slots(model.method, 0, 5, pixel_values.device, use_task_slot=True).tolist() == [[0]] * 5
+
+    rows = collect_reference_rows(model, [pixel_values], task_id=0, memory_samples=None)
+    expected = _prefix_rows(model, pixel_values, torch.full((5, 1), 2))
+    task_slot = _prefix_rows(model, pixel_values, torch.zeros(5, 1, dtype=torch.long))
+    assert set(rows) == {f"prefix_l{layer}" for layer in (0, 1, 2, 3, 4)}
+    for name in ("prefix_l2", "prefix_l3", "prefix_l4"):  # E-prompt layers: slot 2's prefixes
+        assert torch.equal(rows[name], expected[name]), name
+    assert not torch.allclose(rows["prefix_l3"], task_slot["prefix_l3"])
+
+    # The query is the max-pooled embedding, not the frozen CLS feature: keys that match the CLS
+    # features instead still give the slot the embedding query prefers.
+    with torch.no_grad():
+        keys = torch.nn.functional.normalize(torch.randn(model.config.pool_size, 32), dim=-1)
+        keys[1] = torch.nn.functional.normalize(frozen_cls.mean(0), dim=-1)
+        model.method.prefix_pool.e_key.copy_(keys)
+    by_embedding = torch.nn.functional.normalize(query, dim=-1) @ keys.t()
+    by_cls = torch.nn.functional.normalize(frozen_cls, dim=-1) @ keys.t()
+    assert not torch.equal(by_embedding.argmax(-1), by_cls.argmax(-1))  # the setup tells them apart
+    rows = collect_reference_rows(model, [pixel_values], task_id=0, memory_samples=None)
+    expected = _prefix_rows(model, pixel_values, by_embedding.argmax(-1, keepdim=True))
+    assert torch.equal(rows["prefix_l3"], expected["prefix_l3"])
+    # Per sample (the reference's memory loader has batch size 1): no batch-wise vote.
+    alone = collect_reference_rows(model, [pixel_values[1:2]], task_id=0, memory_samples=None)
+    assert torch.equal(rows["prefix_l3"][1:2], alone["prefix_l3"])
+
+
+@pytest.mark.parametrize("space", ["feature", "reference"])
+def test_memory_samples_use_the_training_transform_in_reference_mode(splits2, tmp_path, space):
+    """The reference draws its memory samples from the training loader (training transform) for every
+    method; feature mode keeps the eval transform (no augmentation noise in the protected spaces)."""
+    from pgp_peft.data import build_transform, memory_subset
+    from pgp_peft.trainer import ContinualTrainer
+
+    eval_transform = build_transform(tiny_cl.IMAGE_SIZE)
+
+    def train_transform(batch):  # distinguishable from the eval transform
+        out = eval_transform(batch)
+        out["pixel_values"] = out["pixel_values"] * 0.5
+        return out
+
+    model = tiny_cl.make_model(
+        "dualprompt", num_classes=4, projection_space=space, memory_samples=32 if space == "reference" else 8
+    )
+    trainer = ContinualTrainer(
+        model,
+        tiny_cl.training_args(str(tmp_path)),
+        splits=splits2,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+    )
+    memory = torch.cat([batch["pixel_values"] for batch in trainer._memory_batches(0)])
+    rows = memory_subset(splits2.train[0], model.config.memory_samples, trainer.args.seed + 0)
+    plain = eval_transform({"image": list(rows["image"]), "labels": list(rows["labels"])})["pixel_values"]
+    expected = plain * 0.5 if space == "reference" else plain
+    assert torch.equal(memory, expected)

@@ -158,6 +158,27 @@ def test_prefix_pool_parameter_shapes():
     assert pool.e_key.shape == (4, 4)
 
 
+def test_prefix_pool_g_e_prompts_and_e_keys_start_uniform_like_the_reference():
+    torch.manual_seed(0)
+    pool = PrefixPromptPool(
+        hidden_size=16, g_layers=[0, 1], g_length=5, e_layers=[2, 3, 4], e_length=5, pool_size=10
+    )
+    for tensor in (pool.g_prompt, pool.e_prompt, pool.e_key):  # the reference: nn.init.uniform_(-1, 1)
+        assert tensor.min() >= -1.0 and tensor.max() <= 1.0
+        assert abs(tensor.std().item() - 3**-0.5) < 0.06  # U(-1, 1) has std 1/√3
+
+
+def test_linear_init_is_nn_linear_default_bound():
+    """The reference CLIP image prompt is an `nn.Linear(D, L)` weight: U(±1/√D) over the last axis."""
+    torch.manual_seed(0)
+    prompt = ImagePrompt(length=10, hidden_size=64, init="linear")
+    bound = 64**-0.5
+    assert prompt.prompt.abs().max() <= bound
+    assert abs(prompt.prompt.std().item() - bound / 3**0.5) < 0.01
+    reference = torch.nn.Linear(64, 10, bias=False)  # same distribution as the reference's module
+    assert reference.weight.abs().max() <= bound
+
+
 def test_prefixes_shapes_per_layer_and_content():
     pool = _prefix_pool()
     indices = torch.tensor([[3], [0], [2]])

@@ -161,7 +161,7 @@ def test_all_recipes_are_available():
         assert raw["name"] == name
         recipe = load_recipe(name)
         assert recipe["name"] == name and recipe["description"]
-        family = {"clip": "clip", "demo": "dualprompt"}.get(name.split("_")[0], name.split("_")[0])
+        family = {"clip": "clip", "demo": "l2p"}.get(name.split("_")[0], name.split("_")[0])
         assert recipe["adapter"]["method"] == family
         assert recipe["training"]["online"] is (name in ONLINE)
         assert recipe["data"]["num_tasks"] in (5, 10, 20)
@@ -343,8 +343,17 @@ def test_demo_recipe_runs_through_the_cli(tmp_path, capsys, restore_logging):
     assert "after 0  after 1  after 2  after 3  after 4" in printed
     assert "average accuracy" in printed and "forgetting (paper)" in printed
     assert f"saved adapter, results.json and plots to {out}" in printed
+    # The same run without projection, side by side, with how to read it.
+    assert "== demo without projection (baseline): class-incremental accuracy matrix" in printed
+    assert "== What PGP bought in this run" in printed and "How to read it" in printed
+    assert "Absolute class-IL accuracy is low on this tiny backbone" in printed  # the shipped backbone
+    table = printed.split("== What PGP bought in this run")[1]
+    assert "L2P-PGP" in table and "L2P (no PGP)" in table and "forgetting, paper definition" in table
 
     results = json.loads((out / "results.json").read_text())
+    baseline = json.loads((out / "baseline" / "results.json").read_text())
+    assert results["baseline"]["accuracy_matrix"] == baseline["accuracy_matrix"]
+    assert results["baseline"]["summary"]["forgetting_paper"] == baseline["summary"]["forgetting_paper"]
     assert results["manifest"]["dataset"] == "pgp_peft:fashion_mnist_demo"
     assert results["manifest"]["train_sizes"] == [40] * 5 and results["manifest"]["test_sizes"] == [20] * 5
     for plot in ("accuracy_matrix.png", "accuracy_curves.png"):  # the real matplotlib plots
@@ -454,6 +463,13 @@ def test_report_to_reaches_the_training_arguments(tmp_path):
         build_training_arguments(apply_overrides(recipe, ["training.report_to=tensorbord"]), str(tmp_path))
 
 
+def test_full_determinism_reaches_the_training_arguments(tmp_path):
+    recipe = load_recipe("demo")
+    assert build_training_arguments(recipe, str(tmp_path)).full_determinism is False
+    recipe = apply_overrides(recipe, ["training.full_determinism=true"])
+    assert build_training_arguments(recipe, str(tmp_path)).full_determinism is True
+
+
 def test_cli_flags_reach_the_recipe(monkeypatch, tmp_path, capsys, restore_logging):
     """--no-pgp (the baseline), hub flags and --key=value overrides, without training."""
     import pgp_peft.runner as runner
@@ -517,3 +533,80 @@ def test_recipe_file_with_unknown_section_is_rejected(tmp_path):
     recipe = load_recipe(str(path))
     assert recipe["name"] == "mine" and recipe["adapter"]["pool_size"] == 4
     assert recipe["training"]["epochs"] == 5  # defaults fill what the file does not state
+
+
+# ----------------------------------------------------------------------------- determinism, through the CLI
+REPO = Path(__file__).resolve().parents[1]
+# The demo recipe (PGP run + no-PGP baseline), shrunk: 2 tasks x 5 classes, 48 training images per
+# task (2 steps of 32), 1 epoch.
+SMALL_DEMO = [
+    "--recipe",
+    "demo",
+    "data.num_tasks=2",
+    "data.max_train_per_task=48",
+    "data.max_test_per_task=10",
+    "training.epochs=1",
+    "adapter.memory_samples=16",
+]
+
+
+def _cli(out: Path, *extra: str, kill_at: str | None = None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PGP_RECIPES_DIR": str(REPO / "recipes")}
+    command = [sys.executable, str(REPO / "recipes" / "train_cl.py")]
+    if kill_at:
+        command = [sys.executable, str(REPO / "tests" / "scripts" / "cli_kill.py"), kill_at]
+    with open(out.parent / f"{out.name}.log", "a") as log:
+        return subprocess.Popen(
+            [*command, *SMALL_DEMO, "--output_dir", str(out), *extra], env=env, stdout=log, stderr=log
+        )
+
+
+def _finish(process) -> int:
+    try:
+        return process.wait(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_same_seed_gives_identical_results_twice_and_across_kill_and_resume(tmp_path):
+    """Two CLI runs of the same recipe and seed, and a run SIGKILLed in task 1 then `--resume`d, end
+    with bitwise identical accuracy matrices and adapters (PGP run and its no-PGP baseline)."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    first, second, killed = tmp_path / "first", tmp_path / "second", tmp_path / "killed"
+    processes = [_cli(first), _cli(second), _cli(killed, kill_at="1:1")]
+    codes = [_finish(process) for process in processes]
+    log = lambda out: (tmp_path / f"{out.name}.log").read_text()[-3000:]  # noqa: E731
+    assert codes[:2] == [0, 0], log(first) + log(second)
+    assert codes[2] == -signal.SIGKILL, log(killed)
+    assert (killed / "baseline" / "checkpoint-task-1").is_dir()  # the baseline runs first, to the end
+    assert (killed / "checkpoint-task-0").is_dir() and not (killed / "checkpoint-task-1").exists()
+    assert _finish(_cli(killed, "--resume")) == 0, log(killed)
+
+    results = [json.loads((out / "results.json").read_text()) for out in (first, second, killed)]
+    for key in ("accuracy_matrix", "task_il_accuracy_matrix"):
+        assert results[0][key] == results[1][key] == results[2][key], key
+        assert results[0]["baseline"][key] == results[1]["baseline"][key] == results[2]["baseline"][key]
+    assert results[0]["memory_ranks"] == results[2]["memory_ranks"]
+
+    def weights_of(out: Path, sub: str = "") -> dict[str, torch.Tensor]:
+        return load_file(str(out / sub / "model.safetensors"))
+
+    for sub in ("", "baseline"):
+        weights = [weights_of(out, sub) for out in (first, second, killed)]
+        for name in weights[0]:
+            assert torch.equal(weights[0][name], weights[1][name]), (sub, name)
+            assert torch.equal(weights[0][name], weights[2][name]), (sub, name)
+    # Only the projection differs between the run and its baseline.
+    baseline_config = json.loads((first / "baseline" / "config.json").read_text())
+    assert results[0]["config"]["use_pgp"] is True and baseline_config["use_pgp"] is False
+    baseline_weights = load_file(str(first / "baseline" / "model.safetensors"))
+    assert not torch.equal(weights_of(first)["prompt_pool.prompt"], baseline_weights["prompt_pool.prompt"])

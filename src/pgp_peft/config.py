@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 PROJECTION_SPACES = ("feature", "reference")
 PREPROCESSING_MODES = ("reference", "processor")
-PROMPT_INITS = ("uniform", "zero", "normal")
+PROMPT_INITS = ("uniform", "linear", "zero", "normal")
 
 CONFIG_NAME = "config.json"
 # Keys PGPModel.save_pretrained adds to config.json next to the config fields (not config fields).

@@ -28,6 +28,8 @@ from .metrics import write_results_json
 __all__ = [
     "BatchTransform",
     "ContinualSplits",
+    "DecodedImageCache",
+    "RowIdTransform",
     "build_transform",
     "collate",
     "load_demo_dataset",
@@ -525,6 +527,75 @@ def with_image_transform(ds: datasets.Dataset, transform: Transform, image_colum
     return ds.with_transform(transform)
 
 
+class DecodedImageCache:
+    """Decoded RGB images (uint8 arrays (H, W, 3)) of one split, keyed by ``row_id``, up to ``max_bytes``.
+
+    Decoding a PNG/JPEG again in every epoch and every evaluation is pure repetition; the decoded
+    pixels are kept instead and the (possibly random) transform runs on them as before, so outputs are
+    identical. Images beyond ``max_bytes`` are decoded every time. Share one cache between all
+    transforms of a split (the decoded pixels do not depend on the transform).
+    """
+
+    def __init__(self, max_bytes: int = 2**30) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._arrays: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy starts empty: DataLoader workers get their own cache instead of the pixels, and
+        # `datasets` fingerprints a transform by pickling it (this keeps that instant).
+        return {"max_bytes": self.max_bytes, "nbytes": 0, "_arrays": {}}
+
+    def get(self, row_id: int) -> PILImage.Image | None:
+        array = self._arrays.get(row_id)
+        return None if array is None else PILImage.fromarray(array)
+
+    def put(self, row_id: int, image: PILImage.Image) -> None:
+        if row_id in self._arrays:
+            return
+        array = np.asarray(image, dtype=np.uint8)
+        if self.nbytes + array.nbytes <= self.max_bytes:
+            self._arrays[row_id] = array
+            self.nbytes += array.nbytes
+
+
+@dataclass
+class RowIdTransform:
+    """Wraps a batched transform: adds ``row_id`` (B,) to its output, so caches can key on the split row,
+    and with ``decoded`` decodes each image once per run (the images handed to ``transform`` are RGB
+    PIL images decoded earlier, which :class:`BatchTransform` treats exactly like the raw cells).
+
+    ``decoded`` needs a transform that accepts PIL images in ``image_column`` (a :class:`BatchTransform`
+    does). Each DataLoader worker holds its own copy, so the decode cache pays off with
+    ``dataloader_num_workers=0`` (with workers decoding is parallel instead).
+    """
+
+    transform: Transform
+    image_column: str
+    decoded: DecodedImageCache | None = None
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, Any]:
+        rows = [int(row) for row in batch[ROW_ID]]
+        if self.decoded is not None:
+            cells = list(batch[self.image_column])
+            for k, row in enumerate(rows):
+                image = self.decoded.get(row)
+                if image is None:
+                    try:
+                        image = _to_pil(cells[k]).convert("RGB")
+                    except Exception:  # noqa: BLE001 - the transform reports it with its row id
+                        continue
+                    self.decoded.put(row, image)
+                cells[k] = image
+            batch = {**batch, self.image_column: cells}
+        out = dict(self.transform(batch))
+        out[ROW_ID] = torch.as_tensor(rows, dtype=torch.int64)
+        return out
+
+
 def task_datasets(
     splits: ContinualSplits, task_id: int, transform_train: Transform, transform_eval: Transform
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -557,10 +628,13 @@ def memory_subset(train_ds: datasets.Dataset, memory_samples: int | None, seed: 
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack rows from a transformed dataset -> ``pixel_values`` (B, 3, H, W), ``labels`` (B,)."""
+    """Stack rows from a transformed dataset -> ``pixel_values`` (B, 3, H, W), ``labels`` (B,) and, when
+    the rows carry it, ``row_id`` as a list of ints (host side, so a cache look-up needs no device read)."""
     out = {"pixel_values": torch.stack([torch.as_tensor(row["pixel_values"]) for row in batch])}
     if all("labels" in row for row in batch):
         out["labels"] = torch.as_tensor([int(row["labels"]) for row in batch], dtype=torch.int64)
+    if all(ROW_ID in row for row in batch):  # from RowIdTransform: kept on the host for cache look-ups
+        out[ROW_ID] = [int(row[ROW_ID]) for row in batch]
     return out
 
 

@@ -9,17 +9,23 @@ representations to `projection.py`:
 
 Which rows protect which space is the method's business (`PGPMethod.memory_rows`, `prompt_terms`,
 `reference_rows`, `reference_representations`); this module streams, sums and hands over.
+
+Reference mode reproduces the reference pipeline's inputs too: the memory samples go through the
+training transform (every method: the reference draws them from its training loader; the trainer's
+default), and each method's `reference_rows` runs the pass the reference's memory code runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from .projection import BasisUpdate, GramAccumulator, balanced_sum
 
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
+# row ids of a batch -> their stored frozen queries (B, D), or None (see `query_cache.QueryCache.lookup`)
+QueryLookup = Callable[[Sequence[int]], "torch.Tensor | None"]
 
 
 class NonFiniteMemoryError(FloatingPointError):
@@ -39,29 +45,55 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
 
 def _batches(batches: Iterable, memory_samples: int | None) -> Iterable[torch.Tensor]:
     """Yield pixel_values tensors until `memory_samples` samples were produced (None = all)."""
+    for pixel_values, _ in _batches_with_rows(batches, memory_samples):
+        yield pixel_values
+
+
+def _batches_with_rows(
+    batches: Iterable, memory_samples: int | None
+) -> Iterable[tuple[torch.Tensor, list[int] | None]]:
+    """(pixel_values, row ids or None) until `memory_samples` samples were produced (None = all)."""
     produced = 0
     for batch in batches:
         pixel_values = batch["pixel_values"] if isinstance(batch, dict) else batch
+        rows = batch.get("row_id") if isinstance(batch, dict) else None
         if memory_samples is not None:
             remaining = memory_samples - produced
             if remaining <= 0:
                 break
             pixel_values = pixel_values[:remaining]
+            rows = None if rows is None else list(rows)[:remaining]
         produced += pixel_values.shape[0]
-        yield pixel_values
+        yield pixel_values, rows
 
 
 @torch.no_grad()
 def collect_feature_grams(
-    model, batches: Iterable, task_id: int, memory_samples: int | None
+    model,
+    batches: Iterable,
+    task_id: int,
+    memory_samples: int | None,
+    query_lookup: QueryLookup | None = None,
 ) -> dict[str, torch.Tensor]:
     """Stream memory samples and return {space: D x D Gram matrix (float64)} of what each space sees,
-    plus {space}__prompt_term: the Gram matrix of the current prompts for the spaces that have one."""
+    plus {space}__prompt_term: the Gram matrix of the current prompts for the spaces that have one.
+
+    `query_lookup`: stored frozen queries of a batch's rows (the training query cache), handed to a
+    method that selects by query (`PGPMethod.uses_query`) so it can skip its frozen pass (L2P: the key
+    space's rows come from it and the prompt space's from the embeddings alone)."""
     method = model.method
     device = next(model.parameters()).device
     grams = {name: GramAccumulator(dim, device=device) for name, dim in method.protected_spaces().items()}
-    for pixel_values in _batches(batches, memory_samples):
-        for name, rows in method.memory_rows(pixel_values.to(device), task_id).items():
+    if not method.uses_query:
+        query_lookup = None
+    for pixel_values, row_ids in _batches_with_rows(batches, memory_samples):
+        queries = query_lookup(row_ids) if (query_lookup is not None and row_ids) else None
+        pixel_values = pixel_values.to(device)
+        if queries is None:
+            rows_by_space = method.memory_rows(pixel_values, task_id)
+        else:
+            rows_by_space = method.memory_rows(pixel_values, task_id, query=queries.to(device))
+        for name, rows in rows_by_space.items():
             grams[name].add(rows)
     out = {name: accumulator.gram for name, accumulator in grams.items()}
     for name, prompts in method.prompt_terms().items():
@@ -90,11 +122,13 @@ def update_memory(
     *,
     reduce_fn: ReduceFn | None = None,
     gather_fn: ReduceFn | None = None,
+    query_lookup: QueryLookup | None = None,
 ) -> dict[str, BasisUpdate]:
     """Grow every protected space's basis from a task's memory samples.
 
     `reduce_fn` sums a tensor over processes (feature mode) and `gather_fn` concatenates rows over
     processes (reference mode), so every rank builds bit-identical bases from identical inputs.
+    `query_lookup`: stored frozen queries by row id (feature mode; see `collect_feature_grams`).
     Returns {space: BasisUpdate}.
     """
     was_training = model.training
@@ -102,7 +136,9 @@ def update_memory(
     try:
         if model.config.projection_space == "feature":
             reduce_fn = reduce_fn or _identity
-            grams = collect_feature_grams(model, batches, task_id, model.config.memory_samples)
+            grams = collect_feature_grams(
+                model, batches, task_id, model.config.memory_samples, query_lookup=query_lookup
+            )
             updates = {}
             for name in model.protected_spaces():
                 gram = reduce_fn(grams[name])

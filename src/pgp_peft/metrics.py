@@ -226,6 +226,35 @@ def format_matrix(matrix: AccuracyMatrix | np.ndarray) -> str:
     return "\n".join(lines)
 
 
+def plasticity(matrix: AccuracyMatrix | np.ndarray) -> float:
+    """Mean accuracy on each task right after learning it (the diagonal, measured entries only)."""
+    diagonal = np.diag(_as_array(matrix))
+    diagonal = diagonal[~np.isnan(diagonal)]
+    return float(diagonal.mean()) if diagonal.size else math.nan
+
+
+def format_comparison(runs: Mapping[str, Mapping[str, Any]]) -> str:
+    """Plain-text side-by-side of `summarize` outputs ({column label: summary}), one metric a row,
+    with the direction that is better."""
+    rows = [
+        ("average accuracy, class-IL (higher is better)", lambda s: s["average_accuracy"]),
+        ("forgetting, paper definition (lower is better)", lambda s: s["forgetting_paper"]),
+        ("forgetting, reference code (lower is better)", lambda s: s["forgetting_reference"]),
+        ("accuracy right after learning a task (plasticity)", lambda s: plasticity(s["accuracy_matrix"])),
+        ("task 0 accuracy at the end", lambda s: s["final_accuracies"][0]),
+    ]
+    if all("task_il" in summary for summary in runs.values()):
+        rows.append(("average accuracy, task-IL", lambda s: s["task_il"]["average_accuracy"]))
+    labels = list(runs)
+    first = max(len(name) for name, _ in rows)
+    widths = [max(len(label), 6) for label in labels]
+    lines = ["  ".join([" " * first, *(label.rjust(w) for label, w in zip(labels, widths))])]
+    for name, value in rows:
+        cells = [f"{value(runs[label]):.2f}".rjust(w) for label, w in zip(labels, widths)]
+        lines.append("  ".join([name.ljust(first), *cells]))
+    return "\n".join(lines)
+
+
 def matrix_to_markdown(matrix: AccuracyMatrix | np.ndarray) -> str:
     """GitHub-flavoured Markdown table of the matrix (same layout as :func:`format_matrix`)."""
     header, body = _table_rows(_as_array(matrix))

@@ -175,9 +175,18 @@ class PGPModel(nn.Module):
     ) -> MethodOutput:
         """The method's pass. pixel_values (B, C, H, W) -> (features (B, D), selection or None).
 
-        `query` (B, D): a precomputed frozen query (None: computed when the method needs it).
+        `query` (B, D): the frozen query `self.backbone.query(pixel_values)` computed earlier (e.g. by
+        the ContinualTrainer's query cache); it is the same for an image as long as the backbone is
+        frozen and the image is not re-augmented, so passing it skips the frozen query pass. None:
+        computed when the method needs it. Methods without a query pass (CLIP) refuse one.
         `use_task_slot` forces (True) or forbids (False) the prompt mask; default: in training only."""
         return self.method.features(pixel_values, task_id, query=query, use_task_slot=use_task_slot)
+
+    def compile_backbone(self, **compile_kwargs: Any) -> None:
+        """`torch.compile` the frozen transformer in place (`nn.Module.compile`); prompts, prefixes and
+        the head stay eager. The first passes of every new input shape compile (tens of seconds on a
+        CPU); see benchmarks/README.md §5 for when it pays off."""
+        self.backbone.vision.compile(**compile_kwargs)
 
     def compute_logits(self, features: torch.Tensor, task_id=None) -> torch.Tensor:
         """features (B, D) -> logits (B, C), by the head."""
@@ -531,6 +540,10 @@ def get_pgp_model(
 
     The base model is frozen and switched to the `pgp_*` attention implementation; nothing else in
     it changes. `num_classes` overrides `config.num_classes`; `tokenizer` as in `PGPModel`.
+
+    The prompts, keys, head (and CLIP's text contexts) are drawn from torch's global RNG, as every
+    `transformers` / `peft` model is: call `transformers.set_seed(seed)` *before* this function for
+    a reproducible run (`ContinualTrainer` seeds each task itself, but not the initialisation).
     """
     if num_classes is not None:
         config = config.replace(num_classes=num_classes)

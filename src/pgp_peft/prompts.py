@@ -8,6 +8,7 @@ decides how they enter the transformer.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,10 +24,18 @@ BATCHWISE_WARNING = (
 
 
 def init_prompt_(tensor: torch.Tensor, init: str) -> torch.Tensor:
-    """Initialise a prompt or key tensor in place: `uniform` is U(-1, 1) as in the reference code."""
+    """Initialise a prompt or key tensor (..., D) in place.
+
+    `uniform`: U(-1, 1), the reference's L2P / DualPrompt prompts and keys. `linear`: U(±1/√D),
+    `nn.Linear`'s default weight init, which the reference CLIP image prompt gets (it is the weight
+    of an `nn.Linear(D, L)`). `normal`: N(0, 0.02²). `zero`: zeros.
+    """
     with torch.no_grad():
         if init == "uniform":
             tensor.uniform_(-1.0, 1.0)
+        elif init == "linear":
+            bound = 1.0 / math.sqrt(tensor.shape[-1])
+            tensor.uniform_(-bound, bound)
         elif init == "zero":
             tensor.zero_()
         elif init == "normal":

@@ -44,10 +44,14 @@ RUN_FILES = (
     "holdout_manifest.json",
 )
 CHECKPOINT_DIR = re.compile(r"checkpoint-task-\d+")
+# The run without projection that `training.compare_baseline` writes next to the PGP run.
+BASELINE_DIR = "baseline"
 # Recipe keys that do not change what a run computes (where it logs, how it pushes, how many loader
 # workers): a resume may change them.
 FINGERPRINT_IGNORED = ("name", "description", "paper", "hub", "training.logging_steps")
-FINGERPRINT_IGNORED += ("training.dataloader_num_workers", "training.use_cpu")
+FINGERPRINT_IGNORED += ("training.dataloader_num_workers", "training.use_cpu", "training.report_to")
+# The caches give the same numbers bit for bit (tested), so a resume may switch them.
+FINGERPRINT_IGNORED += ("training.eval_query_cache", "training.train_query_cache", "training.decode_cache")
 # `tempfile.mkdtemp` / `mkstemp` names: prefix + 8 characters of this alphabet.
 _RANDOM = r"[a-z0-9_]{8}"
 
@@ -183,7 +187,8 @@ def run_files(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(
         path
         for path in root.iterdir()
-        if path.name in RUN_FILES or (CHECKPOINT_DIR.fullmatch(path.name) and path.is_dir())
+        if path.name in RUN_FILES
+        or (path.is_dir() and (CHECKPOINT_DIR.fullmatch(path.name) or path.name == BASELINE_DIR))
     )
 
 

@@ -6,7 +6,8 @@
     adapter:  PromptGradientProjectionConfig fields (`method` picks the preset)
     data:     dataset (Hub id, local directory or `pgp_peft:fashion_mnist_demo`), columns, splits,
               num_tasks, image_size, preprocessing (`reference` | `processor`), size limits
-    training: epochs, batch_size, base_lr (lr = base_lr * batch_size / 256), optimizer, schedule, ...
+    training: epochs, batch_size, base_lr (lr = base_lr * batch_size / 256), optimizer, schedule,
+              seed, compare_baseline (also run without projection and compare), ...
     hub:      push_to_hub, hub_model_id, private, strategy (`end` | `every_task`)
 
 Any value can be overridden on the command line with `section.key=value` (or a bare `key=value`
@@ -28,7 +29,7 @@ from typing import Any
 import yaml
 
 from .backbones import load_backbone, resolve_builtin
-from .run_folder import prepare_output_dir
+from .run_folder import BASELINE_DIR, prepare_output_dir
 
 logger = logging.getLogger("pgp_peft")
 
@@ -75,13 +76,24 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_grad_norm": 1.0,
         "seed": 42,
         "online": False,
-        "bf16": False,
+        "bf16": None,  # None: bf16 autocast when a CUDA device with bf16 is used, fp32 otherwise
         "first_task_base_lr": None,
         "first_task_weight_decay": None,
         "logging_steps": 20,
         "dataloader_num_workers": 0,
         "use_cpu": False,
         "report_to": "none",
+        # Also run the same recipe without projection into <output_dir>/baseline and compare.
+        "compare_baseline": False,
+        # Deterministic kernels (TrainingArguments.full_determinism): bitwise GPU repeats, slower.
+        "full_determinism": False,
+        # torch intra-op CPU threads (null: torch's default). Tiny models run fastest on 1.
+        "torch_threads": None,
+        # speed options of ContinualTrainer (README "Performance notes")
+        "eval_query_cache": True,
+        "train_query_cache": None,  # None: when the training transform is not augmented
+        "decode_cache": True,
+        "compile_backbone": False,
     },
     "hub": {"push_to_hub": False, "hub_model_id": None, "private": None, "strategy": "end", "token": None},
 }
@@ -196,6 +208,8 @@ _TYPE_EXAMPLES: dict[str, Any] = {
     "data.class_names": [],
     "training.first_task_base_lr": 0.1,
     "training.first_task_weight_decay": 0.1,
+    "training.bf16": False,
+    "training.train_query_cache": False,
     "hub.private": False,
 }
 
@@ -397,7 +411,8 @@ def build_training_arguments(recipe: dict[str, Any], output_dir: str):
         lr_scheduler_type=training["lr_scheduler"],
         max_grad_norm=training["max_grad_norm"],
         seed=training["seed"],
-        bf16=training["bf16"],
+        full_determinism=training["full_determinism"],
+        bf16=use_bf16(training),
         logging_steps=training["logging_steps"],
         save_strategy="no",
         report_to=_report_to(training["report_to"]),
@@ -425,6 +440,23 @@ def _report_to(value: Any) -> list[str]:
     return [] if names in ([], ["none"]) else names
 
 
+def use_bf16(training: dict[str, Any]) -> bool:
+    """`training.bf16`, or when unset (None): bf16 autocast on a CUDA device that supports it. The adapter's
+    parameters, gradients and the projection stay float32 either way."""
+    import torch
+
+    if training["bf16"] is not None:
+        return bool(training["bf16"])
+    return not training["use_cpu"] and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def trainer_speed_options(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The `ContinualTrainer` speed options a recipe sets (query caches, decode cache, compiled backbone)."""
+    training = recipe["training"]
+    keys = ("eval_query_cache", "train_query_cache", "decode_cache", "compile_backbone")
+    return {key: training[key] for key in keys}
+
+
 def first_task_arguments(recipe: dict[str, Any]) -> dict[str, Any]:
     training = recipe["training"]
     out: dict[str, Any] = {}
@@ -444,13 +476,37 @@ def run_recipe(
     backbone=None,
     tokenizer=None,
 ):
-    """Run a recipe end to end; returns (model, result). Saves the adapter, results.json and plots."""
-    from .memory import memory_update_timing
+    """Run a recipe end to end; returns (model, result). Saves the adapter, results.json and plots.
+
+    Seeds `training.seed` first, so the initialisation is reproducible. With
+    `training.compare_baseline` (and PGP on), the same recipe first runs without projection into
+    `<output_dir>/baseline`; results.json records it under `baseline` and both summaries are printed
+    side by side."""
+    from transformers import set_seed
+
     from .metrics import format_matrix
     from .model import get_pgp_model
     from .trainer import ContinualTrainer
 
     _check_hub(recipe["hub"])  # before any training: a bad hub setting must not cost a run
+    baseline = None
+    if recipe["training"]["compare_baseline"] and recipe["adapter"].get("use_pgp", True):
+        # First, so the PGP run's results.json (and every Hub push of it) already carries it. The
+        # baseline wraps a copy of the given backbone (wrapping installs hooks on a backbone).
+        baseline = run_baseline(
+            recipe,
+            output_dir,
+            resume=resume,
+            backbone=copy.deepcopy(backbone) if backbone is not None else None,
+            tokenizer=tokenizer,
+        )
+    # Seed before anything random is built (prompts, keys, head): the same recipe and seed give the
+    # same accuracy matrix, and a resumed run the same as an uninterrupted one.
+    set_seed(recipe["training"]["seed"])
+    if recipe["training"]["torch_threads"]:
+        import torch
+
+        torch.set_num_threads(int(recipe["training"]["torch_threads"]))
     splits, train_transform, eval_transform = build_datasets(recipe["data"], recipe["model"], output_dir)
     config = build_adapter_config(recipe, splits.num_classes, splits.class_names)
     if backbone is None:
@@ -464,14 +520,15 @@ def run_recipe(
         args,
         splits=splits,
         train_transform=train_transform,
-        eval_transform=eval_transform,
-        # The reference L2P collects its memory at the task's start with train-time augmentation.
-        memory_transform=train_transform if memory_update_timing(model) == "start" else eval_transform,
+        eval_transform=eval_transform,  # memory samples: the trainer's default (training transform in reference mode)
         first_task_args=first_task_arguments(recipe),
         online=recipe["training"]["online"],
         task_end_callbacks=_hub_callbacks(recipe),
         recipe=recipe,
+        **trainer_speed_options(recipe),
     )
+    if baseline is not None:
+        trainer.extra_results["baseline"] = baseline_payload(baseline)
     result = trainer.train_continual(resume_from_checkpoint=resume or None)
     if trainer.is_world_process_zero():
         model.save_pretrained(output_dir, model_card_kwargs=trainer.model_card_kwargs(result))
@@ -490,7 +547,67 @@ def run_recipe(
             _push(
                 model, recipe, trainer, result, f"pgp_peft: {recipe['name']} after {splits.num_tasks} tasks"
             )
+        if baseline is not None:
+            print_comparison(recipe, config.method, result, baseline, output_dir)
     return model, result
+
+
+HOW_TO_READ_COMPARISON = """\
+How to read it: both runs saw the same images in the same order, starting from the same prompts, keys
+and head (same seed); the only difference is the gradient projection. Forgetting is how far each
+earlier task's class-IL accuracy fell, by the end, from its best (paper: best before the last task;
+reference code: clipped at 0). PGP works when its forgetting is lower; the price is some plasticity
+(accuracy on a task right after learning it). One seed moves these numbers by a few points: compare
+several seeds (training.seed) before trusting a small difference."""
+
+# Printed after the comparison when the run uses the tiny backbone shipped with the package.
+TINY_BACKBONE = "pgp_peft:vit-tiny-patch4-32-cifar10"
+HOW_TO_READ_TINY = """\
+Absolute class-IL accuracy is low on this tiny backbone (its frozen CIFAR-10 features barely tell
+apart classes of different tasks; task-IL, where the true task is given, shows what each task
+learned): only the comparison means something (benchmarks/README.md: 3 seeds, two data sets)."""
+
+
+def run_baseline(recipe, output_dir, *, resume, backbone=None, tokenizer=None):
+    """Run `recipe` without projection into `<output_dir>/baseline` (same seed: same data,
+    initialisation and batch order as the PGP run); returns its `ContinualResult`."""
+    baseline = copy.deepcopy(recipe)
+    baseline["adapter"]["use_pgp"] = False
+    baseline["training"]["compare_baseline"] = False
+    baseline["hub"]["push_to_hub"] = False
+    baseline["name"] = f"{recipe['name']} without projection (baseline)"
+    _, result = run_recipe(
+        baseline,
+        os.path.join(output_dir, BASELINE_DIR),
+        resume=resume,
+        backbone=backbone,
+        tokenizer=tokenizer,
+    )
+    return result
+
+
+def baseline_payload(result) -> dict[str, Any]:
+    """The `baseline` entry of the PGP run's results.json."""
+    return {
+        "output_dir": BASELINE_DIR,
+        "summary": result.summary,
+        "accuracy_matrix": result.accuracy.to_dict(),
+        "task_il_accuracy_matrix": result.task_il_accuracy.to_dict(),
+    }
+
+
+def print_comparison(recipe, method: str, result, baseline, output_dir: str) -> None:
+    """Both runs' summaries side by side, and how to read them."""
+    from .methods import get_method
+    from .metrics import format_comparison
+
+    name = get_method(method).method_cls.card.name
+    print(f"\n== What PGP bought in this run ({recipe['name']}, after {result.accuracy.num_tasks} tasks)")
+    print(format_comparison({f"{name}-PGP": result.summary, f"{name} (no PGP)": baseline.summary}))
+    print(HOW_TO_READ_COMPARISON)
+    if recipe["model"]["base_model_name_or_path"] == TINY_BACKBONE:
+        print(HOW_TO_READ_TINY)
+    print(f"baseline adapter and results: {os.path.join(output_dir, BASELINE_DIR)}")
 
 
 def _check_hub(hub: dict[str, Any]) -> None:

@@ -12,11 +12,13 @@ task t exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,16 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import set_seed
 
 from .cards import card_kwargs_from_results
-from .data import ContinualSplits, collate, memory_subset, with_image_transform
+from .data import (
+    ROW_ID,
+    BatchTransform,
+    ContinualSplits,
+    DecodedImageCache,
+    RowIdTransform,
+    collate,
+    memory_subset,
+    with_image_transform,
+)
 from .fileio import atomic_write_text, replace_dir, staging_dir
 from .memory import NonFiniteMemoryError, memory_update_timing, update_memory
 from .metrics import (
@@ -42,6 +53,7 @@ from .metrics import (
     write_results_json,
 )
 from .model import PGPModel
+from .query_cache import QueryCache
 from .run_folder import fingerprint_differences, run_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -150,6 +162,8 @@ class ContinualResult:
     task_il_accuracy: AccuracyMatrix
     summary: dict[str, Any] = field(default_factory=dict)
     memory_ranks: list[dict[str, int]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase: train, memory, evaluation
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # this process's CPU time per phase
 
 
 class ContinualTrainer(Trainer):
@@ -161,13 +175,23 @@ class ContinualTrainer(Trainer):
             `remove_unused_columns=False` with lazily transformed datasets).
         splits: the class-incremental splits (`data.make_class_incremental_splits`).
         train_transform / eval_transform: batched transforms for `Dataset.with_transform`.
-        memory_transform: transform for the memory samples (default: eval_transform; the reference
-            L2P collects with train-time augmentation).
+        memory_transform: transform for the memory samples (default: train_transform in
+            `projection_space="reference"`, as the reference draws them from its training loader;
+            eval_transform in feature mode).
         first_task_args: TrainingArguments fields that differ on the first task (CLIP: lr, weight decay).
         online: one pass over each task's stream (online class-IL).
         task_end_callbacks: called as `fn(trainer, task_id, result)` after each task's checkpoint
             (e.g. a Hub push per task).
         recipe: the recipe dict, recorded in results.json and the model card.
+        eval_query_cache: compute each test image's frozen query once per run and reuse it in every
+            later evaluation (needs a deterministic eval transform, as evaluation always is).
+        train_query_cache: the same for training images, from the second epoch on; None (default) =
+            on when the training transform is a `BatchTransform` without augmentation.
+        decode_cache: decode each image once per run and keep the uint8 pixels (`DecodedImageCache`,
+            up to 1 GiB per split; only with `BatchTransform`s); the transform still runs every time.
+        compile_backbone: `torch.compile` the frozen transformer (`PGPModel.compile_backbone`); off by
+            default: every new batch shape compiles first, which a short run does not win back
+            (benchmarks/README.md §5).
     """
 
     def __init__(
@@ -183,6 +207,10 @@ class ContinualTrainer(Trainer):
         online: bool = False,
         task_end_callbacks: list[Callable] | None = None,
         recipe: dict[str, Any] | None = None,
+        eval_query_cache: bool = True,
+        train_query_cache: bool | None = None,
+        decode_cache: bool = True,
+        compile_backbone: bool = False,
         **kwargs: Any,
     ) -> None:
         if getattr(args, "remove_unused_columns", False):
@@ -207,17 +235,39 @@ class ContinualTrainer(Trainer):
         self.splits = splits
         self.train_transform = train_transform
         self.eval_transform = eval_transform
-        self.memory_transform = memory_transform or eval_transform
+        if memory_transform is None:
+            reference = model.config.projection_space == "reference"
+            memory_transform = (
+                train_transform if reference and train_transform is not None else eval_transform
+            )
+        self.memory_transform = memory_transform
         self.first_task_args = dict(first_task_args or {})
         self.online = online
         self.task_end_callbacks = list(task_end_callbacks or [])
         self.recipe = recipe
+        # Extra top-level entries of results.json (the runner's no-PGP baseline, for instance).
+        self.extra_results: dict[str, Any] = {}
         self.current_task = 0
         self.projection_callback = ProjectionCallback(model)
         self.add_callback(self.projection_callback)
         self._later_task_args = {key: getattr(args, key) for key in self.first_task_args}
         # Taken now: the per-task configuration changes these fields while the run goes on.
         self._run_arguments = {key: getattr(args, key, None) for key in FINGERPRINT_ARGUMENTS}
+        self.eval_query_cache = eval_query_cache
+        augmented = isinstance(train_transform, BatchTransform) and train_transform.augment
+        if train_query_cache is None:
+            train_query_cache = isinstance(train_transform, BatchTransform) and not augmented
+        elif train_query_cache and augmented:
+            raise ValueError(
+                "train_query_cache=True needs an unaugmented training transform: a random crop changes an "
+                "image's query every epoch; leave train_query_cache unset (None) or turn augmentation off"
+            )
+        self.train_query_cache = train_query_cache
+        self.decode_cache = decode_cache
+        if compile_backbone:
+            model.compile_backbone()
+        self.query_cache = QueryCache(model.hidden_size, device=self.args.device)
+        self._decoded = {"train": DecodedImageCache(), "test": DecodedImageCache()}
 
     @staticmethod
     def _check_distributed_support(args: TrainingArguments) -> None:
@@ -247,6 +297,7 @@ class ContinualTrainer(Trainer):
 
     # ------------------------------------------------------------------ Trainer hooks
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = self._training_inputs(inputs)
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
@@ -295,20 +346,54 @@ class ContinualTrainer(Trainer):
         if self.args.should_save:
             self.accelerator.unwrap_model(self.model).save_pretrained(output_dir or self.args.output_dir)
 
+    def _training_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The model's inputs for a training batch: `row_id` becomes the cached frozen `query` (when
+        `train_query_cache`), and the task id the int it is (every batch comes from the current task;
+        an int keeps the prompt-mask check on the host instead of reading a device tensor every step)."""
+        inputs = dict(inputs)
+        row_ids = inputs.pop(ROW_ID, None)
+        if isinstance(inputs.get("task_id"), torch.Tensor):
+            inputs["task_id"] = self.current_task
+        if row_ids is not None and self.train_query_cache and self._uses_query:
+            inputs["query"] = self._cached_query("train", row_ids, inputs["pixel_values"])
+        return inputs
+
+    @property
+    def _uses_query(self) -> bool:
+        """Whether the method selects prompts by a frozen query (L2P, DualPrompt; not CLIP)."""
+        return self.model.method.uses_query
+
+    def _cached_query(self, split: str, row_ids: list[int], pixel_values: torch.Tensor) -> torch.Tensor:
+        # Under mixed precision the uncached query runs inside the autocast-wrapped forward: so does this one.
+        with self.accelerator.autocast():
+            return self.query_cache.get_or_compute(split, row_ids, pixel_values, self.model.backbone.query)
+
     # ------------------------------------------------------------------ data helpers
-    def _transformed(self, dataset, transform):
-        """Lazy decoding inside the transform, so a corrupt image is reported with its row id."""
+    def _transformed(self, dataset, transform, split: str | None = None):
+        """Lazy decoding inside the transform, so a corrupt image is reported with its row id. With
+        `split` ("train" / "test") each row also carries its `row_id` (for the query cache) and, with
+        `decode_cache`, images are decoded once per run."""
         if transform is None:
             return dataset
+        if split is not None and ROW_ID in dataset.column_names:
+            decoded = None
+            if self.decode_cache and isinstance(transform, BatchTransform):
+                decoded = self._decoded[split]
+            transform = RowIdTransform(transform, self.splits.image_column, decoded)
         return with_image_transform(dataset, transform, self.splits.image_column)
+
+    @property
+    def _pin_memory(self) -> bool:
+        return bool(self.args.dataloader_pin_memory) and self.args.device.type == "cuda"
 
     def _eval_loader(self, dataset) -> DataLoader:
         loader = DataLoader(
-            self._transformed(dataset, self.eval_transform),
+            self._transformed(dataset, self.eval_transform, "test"),
             batch_size=self.args.per_device_eval_batch_size,
             shuffle=False,
             collate_fn=collate,
             num_workers=self.args.dataloader_num_workers,
+            pin_memory=self._pin_memory,
         )
         return self.accelerator.prepare(loader)
 
@@ -324,10 +409,12 @@ class ContinualTrainer(Trainer):
                 self.accelerator.num_processes, self.accelerator.process_index, contiguous=True
             )
         return DataLoader(
-            self._transformed(dataset, self.memory_transform),
+            self._transformed(dataset, self.memory_transform, "train"),
             batch_size=self.args.per_device_eval_batch_size,
             shuffle=False,
             collate_fn=collate,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self._pin_memory,
         )
 
     # ------------------------------------------------------------------ memory
@@ -345,8 +432,22 @@ class ContinualTrainer(Trainer):
         reduce_fn = None
         if self.accelerator.num_processes > 1:
             reduce_fn = lambda tensor: self.accelerator.reduce(tensor, reduction="sum")  # noqa: E731
+        query_lookup = None
+        if (
+            self.train_query_cache
+            and self.memory_transform == self.train_transform
+            and self.accelerator.mixed_precision == "no"  # memory runs in fp32; cached queries would not be
+        ):
+            # L2P's key space needs the frozen queries of the memory rows: training stored them.
+            query_lookup = lambda rows: self.query_cache.lookup("train", rows)  # noqa: E731
         try:
-            updates = update_memory(self.model, self._memory_batches(task_id), task_id, reduce_fn=reduce_fn)
+            updates = update_memory(
+                self.model,
+                self._memory_batches(task_id),
+                task_id,
+                reduce_fn=reduce_fn,
+                query_lookup=query_lookup,
+            )
         except NonFiniteMemoryError as error:
             self._raise_diverged(str(error))
         except torch.linalg.LinAlgError as error:  # finite but astronomically large values
@@ -373,7 +474,10 @@ class ContinualTrainer(Trainer):
         task_mask = model.class_task == task_id
         seen_mask = model.class_task >= 0
         for batch in self._eval_loader(self.splits.test[task_id]):
-            logits = model(batch["pixel_values"], class_mask="all").logits
+            query = None
+            if self.eval_query_cache and self._uses_query and ROW_ID in batch:
+                query = self._cached_query("test", batch[ROW_ID], batch["pixel_values"])
+            logits = model(batch["pixel_values"], class_mask="all", query=query).logits
             labels = batch["labels"].to(logits.device)
             cil = logits.masked_fill(~seen_mask.to(logits.device), float("-inf")).argmax(-1)
             til = logits.masked_fill(~task_mask.to(logits.device), float("-inf")).argmax(-1)
@@ -486,7 +590,7 @@ class ContinualTrainer(Trainer):
         self.optimizer = None
         self.lr_scheduler = None
         self.data_collator = TaskCollator(task_id)
-        self.train_dataset = self._transformed(self.splits.train[task_id], self.train_transform)
+        self.train_dataset = self._transformed(self.splits.train[task_id], self.train_transform, "train")
         # Which parameters train can change per task (CLIP's text contexts): let the Trainer wrap the
         # model anew, so a DDP wrapper registers the current task's trainable parameters.
         self.model_wrapped = self.model
@@ -501,6 +605,8 @@ class ContinualTrainer(Trainer):
         """
         if splits is not None:
             self.splits = splits
+            self.query_cache.clear()  # row ids refer to the previous splits' rows
+            self._decoded = {"train": DecodedImageCache(), "test": DecodedImageCache()}
         if self.splits is None:
             raise ValueError("train_continual needs splits (data.make_class_incremental_splits)")
         num_tasks = self.splits.num_tasks
@@ -538,22 +644,37 @@ class ContinualTrainer(Trainer):
             if timing == "start" and self.model.config.use_pgp:
                 # Reference L2P: collect at the task's start, use the new bases from the next task on.
                 active = {k: v.clone() for k, v in self.model.memory.state_dict().items()}
-                self.update_memory(task_id)
+                with self._phase(result, "memory"):
+                    self.update_memory(task_id)
                 staged = {k: v.clone() for k, v in self.model.memory.state_dict().items()}
                 self.model.memory.load_state_dict(active)
             self._configure_task(task_id)
             logger.info("task %d/%d: %d training samples", task_id + 1, num_tasks, len(self.train_dataset))
-            self.train()
+            with self._phase(result, "train"):
+                self.train()
             self.check_finite_parameters()  # before the memory update: its eigh would fail on NaN
             if staged is not None:
                 self.model.memory.load_state_dict(staged)
             elif timing == "end":
-                self.update_memory(task_id)
+                with self._phase(result, "memory"):
+                    self.update_memory(task_id)
             result.memory_ranks.append(self.model.memory.ranks())
-            for evaluated in range(task_id + 1):
-                cil, til = self.evaluate_task(evaluated)
-                result.accuracy.record(task_id, evaluated, cil)
-                result.task_il_accuracy.record(task_id, evaluated, til)
+            with self._phase(result, "evaluation"):
+                for evaluated in range(task_id + 1):
+                    cil, til = self.evaluate_task(evaluated)
+                    result.accuracy.record(task_id, evaluated, cil)
+                    result.task_il_accuracy.record(task_id, evaluated, til)
+            if self.is_world_process_zero():
+                logger.info(
+                    "task %d: seconds per phase so far %s; query cache %.1f MiB (%d hits, %d computed), "
+                    "decoded images %.1f MiB",
+                    task_id,
+                    {name: round(value, 2) for name, value in result.seconds.items()},
+                    self.query_cache.nbytes / 2**20,
+                    self.query_cache.hits,
+                    self.query_cache.misses,
+                    sum(cache.nbytes for cache in self._decoded.values()) / 2**20,
+                )
             result.summary = continual_scores(result.accuracy)
             result.summary["task_il"] = continual_scores(result.task_il_accuracy)
             self.save_task_checkpoint(task_id, result)
@@ -589,6 +710,18 @@ class ContinualTrainer(Trainer):
         finally:
             self.state.global_step = steps
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _phase(result: ContinualResult, name: str):
+        """Add the wall time of the block to `result.seconds[name]`, this process's CPU time (all its
+        threads; not DataLoader worker processes) to `result.cpu_seconds[name]`."""
+        started, cpu_started = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            result.seconds[name] = result.seconds.get(name, 0.0) + time.perf_counter() - started
+            result.cpu_seconds[name] = result.cpu_seconds.get(name, 0.0) + time.process_time() - cpu_started
+
     def results_payload(self, result: ContinualResult) -> dict[str, Any]:
         """Everything results.json records about the run."""
         return {
@@ -600,6 +733,7 @@ class ContinualTrainer(Trainer):
             "manifest": self.splits.to_manifest(),
             "config": self.model.config.to_dict(),
             "recipe": _without_secrets(self.recipe),
+            **self.extra_results,
         }
 
     def model_card_kwargs(self, result: ContinualResult) -> dict[str, Any]:

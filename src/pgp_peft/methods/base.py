@@ -67,6 +67,9 @@ class PGPMethod(nn.Module):
 
     name: ClassVar[str]
     card: ClassVar[MethodCard]
+    # Whether `features` selects prompts by a frozen query (B, D) it can be given precomputed (`query=`):
+    # the trainer's query cache is used only then.
+    uses_query: ClassVar[bool] = False
     # Files `save_extra` writes into the adapter folder (fetched before `load_extra`, also from the Hub).
     extra_files: ClassVar[tuple[str, ...]] = ()
 
@@ -117,7 +120,9 @@ class PGPMethod(nn.Module):
         return self.config.key_threshold if space == "key" else self.config.prompt_threshold
 
     def memory_rows(self, pixel_values: torch.Tensor, task_id: int) -> dict[str, torch.Tensor]:
-        """Feature mode: {space: rows (..., dim)} that one batch of memory samples shows each space."""
+        """Feature mode: {space: rows (..., dim)} that one batch of memory samples shows each space.
+
+        A method with `uses_query` also takes `query=` (B, D): the batch's stored frozen queries."""
         raise NotImplementedError
 
     def prompt_terms(self) -> dict[str, torch.Tensor]:

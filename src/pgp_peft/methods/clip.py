@@ -41,14 +41,15 @@ class CLIPPromptConfig(PromptGradientProjectionConfig):
     image_prompt_length: tokens of the shared image prompt.
     text_context_length: CoOp context vectors per task.
     text_template: the class text around the name, `"{}."` gives "X X ... X {name}.".
-    prompt_init: init of the image prompt (`"normal"`: N(0, 0.02²); `"uniform"`, `"zero"`).
+    prompt_init: init of the image prompt: `"linear"` (U(±1/√D), the reference: its image prompt is the
+        weight of an `nn.Linear`), `"normal"` (N(0, 0.02²)), `"uniform"` (U(-1, 1)) or `"zero"`.
     """
 
     method: str = "clip"
     image_prompt_length: int = 10
     text_context_length: int = 16
     text_template: str = "{}."
-    prompt_init: str = "normal"
+    prompt_init: str = "linear"
 
     legacy_fields: ClassVar[dict[str, Any]] = {
         "tuning_type": "prompt",
@@ -112,6 +113,8 @@ class CLIPPromptMethod(PGPMethod):
 
     def features(self, pixel_values, task_id=None, *, query=None, use_task_slot=None) -> MethodOutput:
         """pixel_values (B, C, H, W) -> post-LayerNorm CLS of the prompted pass (B, D); no selection."""
+        if query is not None:
+            raise ValueError("method='clip' selects no prompts by key: it takes no query")
         tokens = self.image_prompt.tokens(pixel_values.shape[0])
         hidden = self.backbone(pixel_values, prompt_tokens=tokens)
         return MethodOutput(self.backbone.pool(hidden, num_prompt_tokens=tokens.shape[1]))

@@ -25,9 +25,9 @@ import torch
 from ..backbones import VisionBackbone
 from ..config import PROMPT_INITS, PromptGradientProjectionConfig, check_choice, check_int, check_types, fail
 from ..projection import reference_pca
-from ..prompts import PrefixPromptPool, PromptSelection
+from ..prompts import PrefixPromptPool, PromptSelection, select_by_key
 from .base import MethodCard, MethodOutput, PGPMethod, ProtectedSlice
-from .prompt_selection import pull_loss, task_slots
+from .prompt_selection import check_query, pull_loss, task_slots
 
 
 @dataclass
@@ -37,7 +37,8 @@ class DualPromptConfig(PromptGradientProjectionConfig):
     g_prompt_layers / g_prompt_length: the shared G-prompt (length 0 disables it).
     e_prompt_layers / e_prompt_length: the E-prompt pool of `pool_size` slots (length 0 disables it).
     pool_size, top_k: E-prompt slots, and slots selected per sample.
-    prompt_init, key_init: `"uniform"` (U(-1, 1), as the reference), `"zero"` or `"normal"`.
+    prompt_init, key_init: `"uniform"` (U(-1, 1), as the reference), `"linear"` (U(±1/√D)), `"zero"` or
+        `"normal"` (N(0, 0.02²)).
     batchwise_prompt: the reference's batch-wise majority vote (off: it leaks task identity at test time).
     prompt_mask: during training the task id selects the E-prompt slot.
     shared_pool_copy: a new task's E-prompt slot starts as a copy of the previous task's.
@@ -107,6 +108,7 @@ class DualPromptMethod(PGPMethod):
     """DualPrompt's G/E prefix pools on a frozen backbone (see the module docstring)."""
 
     name = "dualprompt"
+    uses_query = True
     card = MethodCard(
         name="DualPrompt",
         contents="the G-prompt, the E-prompt pool, its keys and the classification head",
@@ -155,6 +157,7 @@ class DualPromptMethod(PGPMethod):
             # The pull term needs the query-key similarity even when the task id forces the slot.
             if query is None:
                 query = self.backbone.query(pixel_values)
+            check_query(query, batch, self.backbone.hidden_size)
             selection = self.prefix_pool.select(query, forced)
         prefixes = self.prefix_pool.prefixes(batch, selection.indices if selection is not None else None)
         hidden = self.backbone(pixel_values, prefixes=prefixes)
@@ -210,18 +213,43 @@ class DualPromptMethod(PGPMethod):
             self.backbone(pixel_values, prefixes=prefixes, query_recorder=record)
         return queries
 
-    def memory_rows(self, pixel_values: torch.Tensor, task_id: int) -> dict[str, torch.Tensor]:
-        """Head h of a prefix layer protects against the queries of head h: rows (B, N, d)."""
+    def memory_rows(
+        self, pixel_values: torch.Tensor, task_id: int, *, query: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Head h of a prefix layer protects against the queries of head h: rows (B, N, d). (The stored
+        frozen queries are not needed: the task's slots are known.)"""
         rows: dict[str, torch.Tensor] = {}
         for layer, query in self._record_prefix_queries(pixel_values, task_id).items():
             for head, name in enumerate(self.prefix_space_names(layer)):
                 rows[name] = query[:, head]
         return rows
 
+    def reference_slots(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """(B, k) E-prompt slots of the reference's memory pass, or None without E-prompts.
+
+        The reference calls `model(input)` in eval mode there, with neither the task id nor the frozen
+        model's CLS features: the prompt mask is off, and each sample (its memory loader has batch size
+        1, so no batch-wise vote) selects its slots by key against the fallback query of its EPrompt,
+        the token-wise max of the embedded input (CLS + patches, with position embeddings).
+        """
+        if self.prefix_pool.e_key is None:
+            return None
+        query = self.backbone.embeddings(pixel_values).amax(dim=1)  # (B, N, D) -> (B, D)
+        return select_by_key(query, self.prefix_pool.e_key, self.config.top_k).indices
+
     def reference_rows(self, pixel_values: torch.Tensor, task_id: int) -> dict[str, torch.Tensor]:
-        """One row per sample and layer: the queries (B, H, N, d) flattened row-major, as the reference."""
-        queries = self._record_prefix_queries(pixel_values, task_id)
-        return {f"prefix_l{layer}": query.flatten(1) for layer, query in queries.items()}
+        """One row per sample and layer: the queries (B, H, N, d) of a prompted pass with the slots the
+        reference's memory pass uses (`reference_slots`), flattened row-major, as the reference."""
+        layers = set(self.prefix_layers)
+        rows: dict[str, torch.Tensor] = {}
+
+        def record(layer: int, query: torch.Tensor) -> None:
+            if layer in layers:
+                rows[f"prefix_l{layer}"] = query.flatten(1)
+
+        prefixes = self.prefix_pool.prefixes(pixel_values.shape[0], self.reference_slots(pixel_values))
+        self.backbone(pixel_values, prefixes=prefixes, query_recorder=record)
+        return rows
 
     def reference_representations(
         self, rows: dict[str, torch.Tensor], task_id: int

@@ -25,7 +25,7 @@ from ..config import PROMPT_INITS, PromptGradientProjectionConfig, check_choice,
 from ..projection import reference_pca
 from ..prompts import L2PPromptPool, PromptSelection
 from .base import MethodCard, MethodOutput, PGPMethod, ProtectedSlice
-from .prompt_selection import pull_loss, task_slots
+from .prompt_selection import check_query, pull_loss, task_slots
 
 HEAD_TYPES = ("prompt", "token")
 
@@ -36,7 +36,8 @@ class L2PConfig(PromptGradientProjectionConfig):
 
     pool_size, prompt_length, top_k: a pool of `pool_size` prompts of `prompt_length` tokens, `top_k`
         selected per sample.
-    prompt_init, key_init: `"uniform"` (U(-1, 1), as the reference), `"zero"` or `"normal"`.
+    prompt_init, key_init: `"uniform"` (U(-1, 1), as the reference), `"linear"` (U(±1/√D)), `"zero"` or
+        `"normal"` (N(0, 0.02²)).
     use_prompt_keys: learn keys and select prompts by key-query cosine similarity (False: every sample
         uses the first `top_k` prompts, L2P's "no key" ablation).
     batchwise_prompt: the reference's batch-wise majority vote over selected ids. Off by default: it
@@ -97,6 +98,7 @@ class L2PMethod(PGPMethod):
     """The L2P prompt pool on a frozen backbone (see the module docstring)."""
 
     name = "l2p"
+    uses_query = True
     card = MethodCard(
         name="L2P",
         contents="the prompt pool, its keys and the classification head",
@@ -120,6 +122,7 @@ class L2PMethod(PGPMethod):
         """pixel_values (B, C, H, W) -> features (B, D) and the selection of the top-k prompts."""
         if query is None:
             query = self.backbone.query(pixel_values)
+        check_query(query, pixel_values.shape[0], self.backbone.hidden_size)
         forced = task_slots(self, task_id, pixel_values.shape[0], pixel_values.device, use_task_slot)
         selection = self.prompt_pool.select(query, forced)
         tokens = self.prompt_pool.gather(selection.indices)
@@ -146,7 +149,13 @@ class L2PMethod(PGPMethod):
             out.append(ProtectedSlice(self.prompt_pool.key, (), ["key"]))
         return out
 
-    def memory_rows(self, pixel_values: torch.Tensor, task_id: int) -> dict[str, torch.Tensor]:
+    def memory_rows(
+        self, pixel_values: torch.Tensor, task_id: int, *, query: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """prompt: the tokens entering layer 0 (B, N, D); key: the frozen queries (B, D). With the stored
+        queries (`query`), the embeddings alone give the prompt rows: no backbone pass."""
+        if query is not None:
+            return {"prompt": self.backbone.embeddings(pixel_values), "key": query}
         tokens: list[torch.Tensor] = []
         hidden = self.backbone(pixel_values, token_recorder=tokens.append)
         return {"prompt": tokens[0], "key": self.backbone.pool(hidden)}

@@ -28,11 +28,26 @@ def task_slots(
     if task_id is None or not (use_task_slot and config.prompt_mask):
         return None
     top_k = config.top_k
-    task = task_id if isinstance(task_id, torch.Tensor) else torch.tensor(task_id)
-    task = task.to(device).reshape(-1).expand(batch)
-    if bool(((task + 1) * top_k > config.pool_size).any()):
+    if isinstance(task_id, torch.Tensor):
+        task = task_id.to(device).reshape(-1).expand(batch)
+        # Checked on the host: reading back a device tensor would stall the device every step
+        # (the ContinualTrainer passes the task as an int; a CPU tensor costs nothing either).
+        last = int((task_id if task_id.device.type == "cpu" else task).max())
+    else:
+        last = int(task_id)
+        task = torch.full((batch,), last, dtype=torch.long, device=device)
+    if (last + 1) * top_k > config.pool_size:
         return None
     return task.unsqueeze(1) * top_k + torch.arange(top_k, device=device)
+
+
+def check_query(query: torch.Tensor, batch: int, hidden_size: int) -> torch.Tensor:
+    """A precomputed frozen query must be (B, D)."""
+    if query.shape != (batch, hidden_size):
+        raise ValueError(
+            f"query must be (batch, hidden_size) = {(batch, hidden_size)}, got {tuple(query.shape)}"
+        )
+    return query
 
 
 def pull_loss(coefficient: float, selection: PromptSelection | None) -> torch.Tensor | None:
