@@ -769,6 +769,8 @@ def section_run() -> str:
             + ("equal." if whole["accuracy_matrix_equal"] else "different.")
         )
     return "\n".join(out)
+
+
 def section_lora() -> str:
     data = load("lora.json")
     if not data:
