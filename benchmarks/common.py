@@ -278,7 +278,7 @@ def make_config(method: str, use_pgp: bool, **overrides: Any):
     """Paper presets on 10 classes (5 tasks x 2). DualPrompt keeps its layers 0-1 / 2-4 on the 6-layer ViT."""
     from pgp_peft import PromptGradientProjectionConfig as Config
 
-    preset = {"l2p": Config.l2p, "dualprompt": Config.dualprompt}[method]
+    preset = {"l2p": Config.l2p, "dualprompt": Config.dualprompt, "lora": Config.lora}[method]
     return preset(num_classes=10, num_tasks=5, use_pgp=use_pgp, **overrides)
 
 
@@ -299,9 +299,12 @@ def continual_run(
     lr: float,
     batch_size: int = 32,
     config_overrides: dict[str, Any] | None = None,
+    setup=None,
 ) -> dict[str, Any]:
     """Train the 5-task sequence with `ContinualTrainer`; return the accuracy matrices, the summary
-    (`metrics.summarize`) and the old-task drift (task-0 test logits / features after task 0 vs the end)."""
+    (`metrics.summarize`) and the old-task drift (task-0 test logits / features after task 0 vs the end).
+
+    `setup(trainer, model)`, if given, runs once before training (extra probes and timers)."""
     import torch
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
@@ -358,6 +361,8 @@ def continual_run(
             task_end_callbacks=[probe],
         )
         trainer.remove_callback(PrinterCallback)  # no per-task log dicts on stdout
+        if setup is not None:
+            setup(trainer, model)
         started = time.perf_counter()
         result = trainer.train_continual()
         seconds = time.perf_counter() - started
@@ -384,6 +389,7 @@ def continual_run(
         else float((ids0.sort(-1).values != ids1.sort(-1).values).any(-1).float().mean()),
         "accuracy_matrix": values.tolist(),
         "memory_ranks": result.memory_ranks[-1] if result.memory_ranks else {},
+        "memory_ranks_per_task": result.memory_ranks,
         "memory_dims": {name: model.memory.dim(name) for name in model.memory.names},
         "seconds": seconds,
     }

@@ -52,6 +52,8 @@ parallel thresholds "python bench_thresholds.py --method l2p" "python bench_thre
 stage cost python bench_cost.py
 stage scaling python bench_scaling.py
 stage run python bench_run.py
+# 6. LoRA-PGP vs sequential LoRA (reads the L2P / DualPrompt rows of step 1)
+stage lora python bench_lora.py
 TOTAL=$(python -c "print(round($(date +%s.%N) - $START, 1))")
 times > "$LOGS/times.txt"   # line 2: user and system CPU time of all finished children
 python make_report.py --total-seconds "$TOTAL" --stages "$LOGS/stages.tsv" --cpu-times "$LOGS/times.txt"

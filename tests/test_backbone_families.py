@@ -203,3 +203,22 @@ def test_new_families_train_reload_and_load_by_name(pixel_values, family, tmp_pa
         loaded = PGPModel.from_pretrained(tmp_path / config.method)  # backbone rebuilt from the recorded path
         with torch.no_grad():
             assert torch.equal(loaded(pixel_values).logits, model(pixel_values).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_on_every_family_starts_as_the_backbone_and_fills_its_spaces(family, pixel_values):
+    """LoRA-PGP: peft adapts every family's vision-tower k_proj / v_proj; B = 0 at init, so the features
+    are the plain backbone's; every adapted layer's A and B spaces get a basis from the memory rows."""
+    from pgp_peft.memory import update_memory
+
+    plain = VisionBackbone(make_model(family))
+    with torch.no_grad():
+        expected = plain.pool(plain(pixel_values))
+    model = PGPModel(PromptGradientProjectionConfig.lora(num_classes=4, r=2), base_model=make_model(family))
+    assert len(model.method.layer_paths) == 2 * SHAPE["num_hidden_layers"]
+    assert all(path.startswith(model.method.vision_prefix) for path in model.method.layer_paths)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values).features, expected, rtol=0, atol=0)
+    update_memory(model, [pixel_values], task_id=0)
+    assert all(rank > 0 for rank in model.memory.ranks().values())

@@ -20,19 +20,22 @@ from safetensors.torch import load_file
 WORKER = Path(__file__).resolve().parent / "scripts" / "dist_worker.py"
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
+def run_two_ranks(out: Path, method: str = "dualprompt"):
     torchrun = shutil.which("torchrun")
     command = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     command += ["--standalone", "--nproc_per_node", "2", str(WORKER), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PGP_TINY_METHOD": method}
     env.pop("PGP_KILL_AT", None)
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
     infos = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     tensors = [load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1)]
     return infos, tensors
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return run_two_ranks(tmp_path_factory.mktemp("ddp"))
 
 
 def test_runs_as_two_gloo_processes(two_ranks):
@@ -80,3 +83,19 @@ def test_both_ranks_report_the_same_accuracy_over_every_test_sample(two_ranks):
     for info in infos:
         assert [sorted(g) for g in info["gathered_labels"]] == [sorted(e) for e in expected]
         assert [len(g) for g in info["gathered_labels"]] == [10, 10, 10]
+
+
+def test_lora_ranks_hold_identical_bases_parameters_and_accuracy(tmp_path):
+    """LoRA-PGP under DDP: the LoRA matrices live inside the backbone's modules, and DDP must still keep them,
+    the bases (built from both ranks' memory shards) and the accuracies identical on both ranks."""
+    infos, tensors = run_two_ranks(tmp_path, method="lora")
+    assert [info["memory_rows"] for info in infos] == [[12, 12], [12, 12]]
+    assert max(max(info["projector_gaps"]) for info in infos) < 1e-6
+    assert tensors[0].keys() == tensors[1].keys()
+    assert "adapter.lora.layers.0.attention.q_proj.lora_A.weight" in tensors[0]
+    assert any(k.startswith("basis.layers.4.attention.v_proj.lora_B") for k in tensors[0])
+    assert [k for k in tensors[0] if not torch.equal(tensors[0][k], tensors[1][k])] == []
+    assert (
+        float(tensors[0]["adapter.lora.layers.4.attention.v_proj.lora_B.weight"].abs().sum()) > 0
+    )  # trained
+    assert infos[0]["accuracy"] == infos[1]["accuracy"]

@@ -467,3 +467,32 @@ def test_cli_push_at_the_end_makes_one_commit(
 def test_card_does_not_claim_a_local_folder_as_a_hub_dataset(trained: TrainedRun):
     card = ModelCard((trained.run_dir / "README.md").read_text())
     assert str(trained.assets.data) not in json.dumps(card.data.to_dict())
+
+
+def test_lora_adapter_pushes_peft_files_and_loads_from_the_hub(local_hub_server: LocalHub, assets, tmp_path):
+    """LoRA-PGP (the lora_demo recipe, 2 tasks): the pushed repo holds the pgp_peft files and the peft
+    adapter files; pgp_peft and peft both load it from the Hub with the same LoRA weights."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    recipe = load_recipe("lora_demo")
+    recipe = apply_overrides(recipe, [*assets.overrides(recipe), f"data.num_tasks={NUM_TASKS}"])
+    model, _ = run_recipe(recipe, str(tmp_path / "run"))
+    repo_id = f"{DEFAULT_USER}/lora-pgp-demo"
+    model.push_to_hub(repo_id, output_dir=tmp_path / "run")
+    files = local_hub_server.repo(repo_id).files()
+    assert {*ADAPTER_FILES, "adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert json.loads(files["config.json"])["method"] == "lora"
+
+    loaded = PGPModel.from_pretrained(repo_id, base_model=load_tiny_vit(assets.vit))
+    assert torch.equal(logits(loaded), logits(model))
+    assert loaded.memory.ranks() == model.memory.ranks()
+
+    peft_model = PeftModel.from_pretrained(load_tiny_vit(assets.vit), repo_id)
+    theirs = get_peft_model_state_dict(peft_model)
+    for path in model.method.layer_paths:
+        a, b = model.method.lora_weights(path)
+        assert torch.equal(theirs[f"base_model.model.{path}.lora_A.weight"], a)
+        assert torch.equal(theirs[f"base_model.model.{path}.lora_B.weight"], b)
+    assert any(
+        float(model.method.lora_weights(p)[1].abs().sum()) > 0 for p in model.method.layer_paths
+    )  # trained

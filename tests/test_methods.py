@@ -69,6 +69,11 @@ BUILDERS = {
         Config.clip(class_names=CLASS_NAMES, num_tasks=3, text_context_length=3, image_prompt_length=5, **kw),
         *tiny_clip(tmp),
     ),
+    "lora": lambda tmp, **kw: (
+        Config.lora(num_classes=6, r=4, target_modules=["q_proj", "v_proj", "fc1"], **kw),
+        tiny_vit(),
+        None,
+    ),
 }
 
 
@@ -78,7 +83,14 @@ def build(method: str, tmp_path, **overrides) -> tuple[PGPModel, dict]:
     model = PGPModel(config, base_model=backbone, tokenizer=tokenizer)
     model.register_task_classes(0, [0, 1])
     model.register_task_classes(1, [2, 3])
-    return model, {"base_model": backbone, "tokenizer": tokenizer}
+    # An identical fresh backbone to load into: LoRA injects its layers into the backbone it is given.
+    _, fresh_backbone, _ = BUILDERS[method](tmp_path, **overrides)
+    return model, {"base_model": fresh_backbone, "tokenizer": tokenizer}
+
+
+def trainable_tensors(model: PGPModel) -> list[torch.Tensor]:
+    """The method's trainable tensors (LoRA's live inside the backbone's modules, the prompts' in the method)."""
+    return [t for t in model.method.adapter_tensors().values() if t.requires_grad]
 
 
 def images(batch: int = 4, seed: int = 0) -> torch.Tensor:
@@ -111,8 +123,9 @@ def test_forward_shapes_and_loss(method, tmp_path):
     finite = torch.isfinite(out.logits)
     assert finite[:, 2:4].all() and not finite[:, [0, 1, 4, 5]].any()  # the task's class mask
     out.loss.backward()
-    assert all(p.grad is None for p in model.backbone.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.method.parameters())
+    own = {id(t) for t in trainable_tensors(model)}
+    assert all(p.grad is None for p in model.backbone.parameters() if id(p) not in own)  # frozen backbone
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable_tensors(model))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -120,7 +133,7 @@ def test_protected_slices_are_method_parameters_in_declared_spaces(method, tmp_p
     model, _ = build(method, tmp_path)
     spaces = model.method.protected_spaces()
     assert spaces and set(model.memory.names) == set(spaces)
-    own = {id(p) for p in model.method.parameters()}
+    own = {id(p) for p in trainable_tensors(model)}
     covered: set[str] = set()
     for parameter, index, names in model.method.protected_slices():
         assert id(parameter) in own
@@ -133,6 +146,10 @@ def test_protected_slices_are_method_parameters_in_declared_spaces(method, tmp_p
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("projection_space", ["feature", "reference"])
 def test_memory_update_fills_every_space_and_projection_removes_it(method, projection_space, tmp_path):
+    if method == "lora" and projection_space == "reference":
+        with pytest.raises(ValueError, match="projection_space: LoRA-PGP supports 'feature' only"):
+            build(method, tmp_path, projection_space=projection_space, memory_samples=32)
+        return
     model, _ = build(method, tmp_path, projection_space=projection_space, memory_samples=32)
     updates = update_memory(model, [images(16, seed=1), images(16, seed=2)], task_id=0)
     assert set(updates) == set(model.method.protected_spaces())
@@ -157,7 +174,7 @@ def test_save_and_load_round_trip(method, tmp_path):
     model, kwargs = build(method, tmp_path)
     update_memory(model, [images(8, seed=3)], task_id=0)
     with torch.no_grad():
-        for parameter in model.method.parameters():
+        for parameter in trainable_tensors(model):
             parameter.add_(0.1)
     model.eval()
     with torch.no_grad():

@@ -57,13 +57,13 @@ def assert_matrix_layout(values: np.ndarray, num_tasks: int) -> None:
 
 
 # ---------------------------------------------------------------------------------- full runs
-@pytest.mark.parametrize("method", ["l2p", "dualprompt"])
+@pytest.mark.parametrize("method", ["l2p", "dualprompt", "lora"])
 def test_full_continual_run(method, tmp_path):
     splits = tiny_cl.make_splits(num_tasks=3)
     model = tiny_cl.make_model(method, num_classes=6)
     # The head starts as the reference's (std 0.02, zero bias): on this random tiny backbone
     # DualPrompt needs lr 0.03 to leave chance in 3 epochs (at 0.01, 2 of 3 seeds stayed at 50 %).
-    lr = {"l2p": 0.01, "dualprompt": 0.03}[method]
+    lr = {"l2p": 0.01, "dualprompt": 0.03, "lora": 0.01}[method]
     trainer = tiny_cl.make_trainer(
         model, splits, str(tmp_path), num_train_epochs=3, **{**ADAM, "learning_rate": lr}
     )

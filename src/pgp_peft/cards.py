@@ -285,8 +285,9 @@ def _pgp_sentence(method_name: str, use_pgp: bool, projection_space: Any) -> str
         )
     space = f" (projection space: `{projection_space}`)" if projection_space else ""
     return (
-        "Prompt Gradient Projection is **on**: while each new task was learned, the gradients of the prompts "
-        f"(and keys) were projected onto the null space of earlier tasks' representations{space}, which is "
+        "Prompt Gradient Projection is **on**: while each new task was learned, the gradients of the adapter "
+        f"(prompts and keys, or LoRA matrices) were projected onto the null space of earlier tasks' "
+        f"representations{space}, which is "
         "what reduces forgetting."
     )
 

@@ -235,6 +235,11 @@ class PromptGradientProjectionConfig:
         """CLIP-PGP: one shared 10-token image prompt after CLS, a 16-vector text context per task."""
         return config_class("clip")(**overrides)
 
+    @classmethod
+    def lora(cls, **overrides: Any) -> PromptGradientProjectionConfig:
+        """LoRA-PGP: stock peft LoRA (r 10 on k_proj / v_proj, InfLoRA's setting) with null-space projection."""
+        return config_class("lora")(**overrides)
+
     # ------------------------------------------------------------------ validation
     def check_field_types(self) -> None:
         """Refuse values of the wrong JSON type by field name; subclasses add their own fields."""

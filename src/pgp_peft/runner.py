@@ -647,7 +647,7 @@ def _hub_callbacks(recipe: dict[str, Any]) -> list:
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     """Flags and `section.key=value` overrides, in any order (argparse's intermixed parsing)."""
     parser = argparse.ArgumentParser(
-        description="Continual learning with Prompt Gradient Projection (L2P / DualPrompt / CLIP).",
+        description="Continual learning with Prompt Gradient Projection (L2P / DualPrompt / CLIP / LoRA).",
         epilog="Overrides: section.key=value, e.g. training.epochs=1 adapter.pool_size=20",
     )
     parser.add_argument("--recipe", default="demo", help="recipe name (see --list) or path to a YAML file")

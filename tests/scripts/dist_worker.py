@@ -1,5 +1,7 @@
 """One rank of a 2-process CPU (gloo) DualPrompt-PGP run: `torchrun --nproc_per_node 2 dist_worker.py OUTDIR`.
 
+`PGP_TINY_METHOD=lora` runs LoRA-PGP instead (default: dualprompt).
+
 Each rank trains the same tiny 2-task continual run with `ContinualTrainer` and writes
 `OUTDIR/rank{r}.safetensors` (its memory bases and adapter tensors) and `OUTDIR/rank{r}.json` (its
 accuracy matrices, the distributed setup it saw, the labels each evaluation gathered, the number of
@@ -29,7 +31,7 @@ def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
     splits = tiny_cl.make_splits(num_tasks=2, train_per_class=12, test_per_class=5)
-    model = tiny_cl.make_model("dualprompt", num_classes=4)
+    model = tiny_cl.make_model(os.environ.get("PGP_TINY_METHOD", "dualprompt"), num_classes=4)
     trainer = tiny_cl.make_trainer(
         model,
         splits,

@@ -71,6 +71,10 @@ def make_config(method: str, num_classes: int, **overrides: Any) -> Config:
         values: dict[str, Any] = dict(num_classes=num_classes, pool_size=4, top_k=2, prompt_length=3)
         values.update(overrides)
         return Config.l2p(**values)
+    if method == "lora":
+        values = dict(num_classes=num_classes, r=4, lora_alpha=4.0, target_modules=["q_proj", "v_proj"])
+        values.update(overrides)
+        return Config.lora(**values)
     values = dict(num_classes=num_classes, pool_size=4, g_prompt_length=2, e_prompt_length=3)
     values.update(overrides)
     return Config.dualprompt(**values)

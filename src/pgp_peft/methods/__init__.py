@@ -18,6 +18,7 @@ from .base import MethodCard, MethodOutput, PGPMethod, ProtectedSlice
 from .clip import CLIPPromptConfig, CLIPPromptMethod
 from .dualprompt import DualPromptConfig, DualPromptMethod
 from .l2p import L2PConfig, L2PMethod
+from .lora import LoraPGPConfig, LoraPGPMethod
 
 __all__ = [
     "CLIPPromptConfig",
@@ -26,6 +27,8 @@ __all__ = [
     "DualPromptMethod",
     "L2PConfig",
     "L2PMethod",
+    "LoraPGPConfig",
+    "LoraPGPMethod",
     "MethodCard",
     "MethodOutput",
     "MethodSpec",
@@ -76,3 +79,4 @@ def available_methods() -> list[str]:
 register_method("l2p", L2PConfig, L2PMethod)
 register_method("dualprompt", DualPromptConfig, DualPromptMethod)
 register_method("clip", CLIPPromptConfig, CLIPPromptMethod)
+register_method("lora", LoraPGPConfig, LoraPGPMethod)
