@@ -310,6 +310,7 @@ def continual_run(
     from transformers.trainer_callback import PrinterCallback
 
     from pgp_peft import ContinualTrainer, get_pgp_model
+    from pgp_peft.callbacks import TaskEndFunction
     from pgp_peft.metrics import summarize
 
     torch.manual_seed(seed)  # prompt / key / head init
@@ -358,7 +359,7 @@ def continual_run(
             splits=splits,
             train_transform=train_tf,
             eval_transform=eval_tf,
-            task_end_callbacks=[probe],
+            callbacks=[TaskEndFunction(probe)],
         )
         trainer.remove_callback(PrinterCallback)  # no per-task log dicts on stdout
         if setup is not None:

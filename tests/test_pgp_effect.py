@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 
 import tiny_cl  # noqa: E402
 
+from pgp_peft.callbacks import TaskEndFunction  # noqa: E402
 from pgp_peft.memory import update_memory  # noqa: E402
 
 
@@ -74,7 +75,9 @@ def probed_dualprompt_run(splits2, tmp_path_factory):
     trainer.add_callback(projected)  # after the ProjectionCallback (a subclass: Trainer warns on duplicates)
     raw.trainer = projected.trainer = trainer
     bases = {}
-    trainer.task_end_callbacks.append(lambda tr, t, r: bases.setdefault(t, tiny_cl.memory_bases(tr.model)))
+    trainer.add_callback(
+        TaskEndFunction(lambda tr, t, r: bases.setdefault(t, tiny_cl.memory_bases(tr.model)))
+    )
     trainer.train_continual()
     assert len(raw.records) == len(projected.records) == 2 * tiny_cl.steps_per_epoch(24, 8)
     return model, raw.records, projected.records, bases

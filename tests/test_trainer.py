@@ -27,8 +27,9 @@ sys.path.insert(0, str(SCRIPTS))
 
 import tiny_cl  # noqa: E402
 
+from pgp_peft.checkpoints import CHECKPOINT_PREFIX, STATE_NAME  # noqa: E402
 from pgp_peft.model import PGPModel  # noqa: E402
-from pgp_peft.trainer import CHECKPOINT_PREFIX, STATE_NAME, ContinualTrainer  # noqa: E402
+from pgp_peft.trainer import ContinualTrainer  # noqa: E402
 
 ADAM = dict(optim="adamw_torch", learning_rate=0.01, weight_decay=0.0)
 

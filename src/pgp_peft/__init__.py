@@ -12,6 +12,7 @@ def __getattr__(name: str):
     lazy = {
         "ContinualTrainer": "trainer",
         "ProjectionCallback": "trainer",
+        "ContinualCallback": "callbacks",
         "ContinualSplits": "data",
         "make_class_incremental_splits": "data",
         "load_image_dataset": "data",
@@ -34,6 +35,7 @@ __all__ = [
     "get_pgp_model",
     "ContinualTrainer",
     "ProjectionCallback",
+    "ContinualCallback",
     "ContinualSplits",
     "make_class_incremental_splits",
     "load_image_dataset",

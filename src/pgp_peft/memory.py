@@ -18,6 +18,7 @@ default), and each method's `reference_rows` runs the pass the reference's memor
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -167,3 +168,38 @@ def memory_update_timing(model) -> str:
     """When the memory is updated: `"end"` of a task, or `"start"` (the reference L2P, with that task's
     samples and the previous prompts; the new projector is used from the next task on)."""
     return model.method.memory_timing()
+
+
+class TaskMemorySchedule:
+    """When the null-space memory grows around a task's training, per the method's `memory_timing()`.
+
+    * `"end"` (default): after training, from the task's memory samples and the trained prompts;
+    * `"start"` (the reference L2P): collected before training, with the task's samples and the previous
+      prompts, but staged: training of this task still projects with the old bases, and the new ones
+      take effect once the task's training is done (so from the next task on).
+
+    `update(task_id)` runs the actual update (`ContinualTrainer.update_memory`: data, processes, checks).
+    The trainer calls `before_training(t)` and `after_training(t)` around each task's `train()`.
+    """
+
+    def __init__(self, model, update: Callable[[int], Any]) -> None:
+        self.model = model
+        self.update = update
+        self.timing = memory_update_timing(model)
+        self._staged: dict[str, torch.Tensor] | None = None
+
+    def before_training(self, task_id: int) -> None:
+        if self.timing != "start" or not self.model.config.use_pgp:
+            return
+        memory = self.model.memory
+        active = {key: value.clone() for key, value in memory.state_dict().items()}
+        self.update(task_id)
+        self._staged = {key: value.clone() for key, value in memory.state_dict().items()}
+        memory.load_state_dict(active)
+
+    def after_training(self, task_id: int) -> None:
+        if self._staged is not None:
+            self.model.memory.load_state_dict(self._staged)
+            self._staged = None
+        elif self.timing == "end":
+            self.update(task_id)

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from .backbones import load_backbone, resolve_builtin
+from .callbacks import ContinualCallback
 from .run_folder import BASELINE_DIR, prepare_output_dir
 
 logger = logging.getLogger("pgp_peft")
@@ -524,7 +525,7 @@ def run_recipe(
         eval_transform=eval_transform,  # memory samples: the trainer's default (training transform in reference mode)
         first_task_args=first_task_arguments(recipe),
         online=recipe["training"]["online"],
-        task_end_callbacks=_hub_callbacks(recipe),
+        callbacks=_hub_callbacks(recipe),
         recipe=recipe,
         **trainer_speed_options(recipe),
     )
@@ -631,17 +632,22 @@ def _push(model, recipe, trainer, result, message: str) -> None:
     )
 
 
-def _hub_callbacks(recipe: dict[str, Any]) -> list:
+class HubPushCallback(ContinualCallback):
+    """Pushes the adapter, results and card to the Hub after every task (`hub.strategy: every_task`)."""
+
+    def __init__(self, recipe: dict[str, Any]) -> None:
+        self.recipe = recipe
+
+    def on_task_end(self, args, state, control, *, trainer, task_id: int, result, **kwargs):
+        if trainer.is_world_process_zero():
+            message = f"pgp_peft: {self.recipe['name']} after task {task_id + 1}"
+            _push(trainer.model, self.recipe, trainer, result, message)
+
+
+def _hub_callbacks(recipe: dict[str, Any]) -> list[ContinualCallback]:
     if not (recipe["hub"]["push_to_hub"] and recipe["hub"]["strategy"] == "every_task"):
         return []
-
-    def push_after_task(trainer, task_id: int, result) -> None:
-        if trainer.is_world_process_zero():
-            _push(
-                trainer.model, recipe, trainer, result, f"pgp_peft: {recipe['name']} after task {task_id + 1}"
-            )
-
-    return [push_after_task]
+    return [HubPushCallback(recipe)]
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:

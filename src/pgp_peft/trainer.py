@@ -3,8 +3,10 @@
 Per task t: register the task's classes, start the task (DualPrompt's shared-pool copy), build a
 fresh optimizer and schedule, train with the class mask and the pull constraint while the
 projection callback projects every gradient (after unscaling and clipping, before the step), update
-the null-space memory at the boundary, evaluate every seen task (class-IL and task-IL), and write an
-atomic per-task checkpoint (adapter tensors + continual state; never the backbone).
+the null-space memory at the boundary (`memory.TaskMemorySchedule`), evaluate every seen task
+(class-IL and task-IL), write an atomic per-task checkpoint (`checkpoints.py`: adapter tensors +
+continual state; never the backbone) and results.json, and call `on_task_end` of every
+`ContinualCallback` among the Trainer's callbacks.
 
 Each task is seeded with `args.seed + t`, so a run resumed from the checkpoint of task t-1 replays
 task t exactly as an uninterrupted run would.
@@ -13,12 +15,10 @@ task t exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import re
-import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,16 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import set_seed
 
+from .callbacks import ContinualCallback, TaskEndFunction
 from .cards import card_kwargs_from_results
+from .checkpoints import (
+    CHECKPOINT_PREFIX,
+    STATE_NAME,
+    TaskCheckpoint,
+    latest_checkpoint,
+    load_task_checkpoint,
+    save_task_checkpoint,
+)
 from .data import (
     ROW_ID,
     BatchTransform,
@@ -43,8 +52,7 @@ from .data import (
     memory_subset,
     with_image_transform,
 )
-from .fileio import atomic_write_text, replace_dir, staging_dir
-from .memory import NonFiniteMemoryError, memory_update_timing, update_memory
+from .memory import NonFiniteMemoryError, TaskMemorySchedule, update_memory
 from .metrics import (
     AccuracyMatrix,
     load_continual_learning_metric,
@@ -54,12 +62,19 @@ from .metrics import (
 )
 from .model import PGPModel
 from .query_cache import QueryCache
-from .run_folder import fingerprint_differences, run_fingerprint
+from .run_folder import run_fingerprint
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-task-"
-STATE_NAME = "continual_state.json"
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "STATE_NAME",
+    "ContinualCallback",
+    "ContinualResult",
+    "ContinualTrainer",
+    "ProjectionCallback",
+    "TrainingDivergedError",
+]
 # TrainingArguments fields that define the optimisation of a run (part of the resume fingerprint).
 FINGERPRINT_ARGUMENTS = (
     "learning_rate",
@@ -180,8 +195,7 @@ class ContinualTrainer(Trainer):
             eval_transform in feature mode).
         first_task_args: TrainingArguments fields that differ on the first task (CLIP: lr, weight decay).
         online: one pass over each task's stream (online class-IL).
-        task_end_callbacks: called as `fn(trainer, task_id, result)` after each task's checkpoint
-            (e.g. a Hub push per task).
+        task_end_callbacks: deprecated; pass a `ContinualCallback` (its `on_task_end`) in `callbacks=`.
         recipe: the recipe dict, recorded in results.json and the model card.
         eval_query_cache: compute each test image's frozen query once per run and reuse it in every
             later evaluation (needs a deterministic eval transform, as evaluation always is).
@@ -243,7 +257,15 @@ class ContinualTrainer(Trainer):
         self.memory_transform = memory_transform
         self.first_task_args = dict(first_task_args or {})
         self.online = online
-        self.task_end_callbacks = list(task_end_callbacks or [])
+        if task_end_callbacks:
+            warnings.warn(
+                "task_end_callbacks is deprecated: pass a ContinualCallback subclass (its on_task_end) in "
+                "callbacks= or trainer.add_callback",
+                FutureWarning,
+                stacklevel=2,
+            )
+            for function in task_end_callbacks:
+                self.add_callback(TaskEndFunction(function))
         self.recipe = recipe
         # Extra top-level entries of results.json (the runner's no-PGP baseline, for instance).
         self.extra_results: dict[str, Any] = {}
@@ -501,31 +523,22 @@ class ContinualTrainer(Trainer):
         return 100.0 * correct_cil / total, 100.0 * correct_til / total
 
     # ------------------------------------------------------------------ checkpoints
-    def _checkpoint_dir(self, task_id: int) -> Path:
-        return Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{task_id}"
-
     def save_task_checkpoint(self, task_id: int, result: ContinualResult) -> None:
-        """Atomically write `checkpoint-task-{t}`: adapter (safetensors) + continual state (JSON)."""
+        """Atomically write `checkpoint-task-{t}` (see `checkpoints.py`; main process only)."""
         if not self.args.should_save:
             return
-        final = self._checkpoint_dir(task_id)
-        staging = staging_dir(final)
-        try:
-            self.model.save_pretrained(staging)
-            state = {
-                "task_id": task_id,
-                "num_tasks": self.splits.num_tasks,
-                "accuracy": result.accuracy.to_dict(),
-                "task_il_accuracy": result.task_il_accuracy.to_dict(),
-                "memory_ranks": result.memory_ranks,
-                "manifest": self.splits.to_manifest(),
-                "seed": self.args.seed,
-                "fingerprint": self.run_fingerprint(),
-            }
-            atomic_write_text(staging / STATE_NAME, json.dumps(state, indent=2) + "\n")
-            replace_dir(staging, final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        save_task_checkpoint(
+            self.model,
+            self.args.output_dir,
+            task_id=task_id,
+            num_tasks=self.splits.num_tasks,
+            accuracy=result.accuracy,
+            task_il_accuracy=result.task_il_accuracy,
+            memory_ranks=result.memory_ranks,
+            manifest=self.splits.to_manifest(),
+            seed=self.args.seed,
+            fingerprint=self.run_fingerprint(),
+        )
 
     def run_fingerprint(self) -> dict[str, Any]:
         """What defines this run (see `run_folder.run_fingerprint`): a resume must match it exactly."""
@@ -538,55 +551,33 @@ class ContinualTrainer(Trainer):
         )
 
     def latest_checkpoint(self) -> Path | None:
-        root = Path(self.args.output_dir)
-        if not root.is_dir():
-            return None
-        found = []
-        for path in root.iterdir():
-            match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
-            if match and (path / STATE_NAME).exists():
-                found.append((int(match.group(1)), path))
-        return max(found)[1] if found else None
+        """The newest complete `checkpoint-task-<t>` in output_dir, or None."""
+        return latest_checkpoint(self.args.output_dir)
 
-    def _load_checkpoint(self, path: Path) -> tuple[int, ContinualResult]:
-        from safetensors.torch import load_file
-
-        with open(path / STATE_NAME, encoding="utf-8") as handle:
-            state = json.load(handle)
-        if state["num_tasks"] != self.splits.num_tasks:
-            raise ValueError(
-                f"checkpoint {path} is for {state['num_tasks']} tasks, this run has {self.splits.num_tasks}"
-            )
-        saved, current = state.get("manifest", {}), self.splits.to_manifest()
-        for key in ("class_order", "task_classes", "dataset"):
-            if key in saved and saved[key] != current[key]:
-                raise ValueError(
-                    f"checkpoint {path} was written for another split ({key}: {saved[key]} vs {current[key]}); "
-                    "resume with the same data, class order and task count, or use another output_dir"
-                )
-        saved_fingerprint = state.get("fingerprint")
-        if saved_fingerprint is None:
-            logger.warning(
-                "checkpoint %s has no run fingerprint (older pgp_peft): only the split is checked", path
-            )
-        else:
-            differences = fingerprint_differences(saved_fingerprint, self.run_fingerprint())
-            if differences:
-                raise ValueError(
-                    f"checkpoint {path} belongs to another run; differing settings: {'; '.join(differences[:8])}"
-                    f"{' ...' if len(differences) > 8 else ''}. Resume with the same settings, or start a new run "
-                    "with --overwrite_output_dir or another --output_dir"
-                )
-        device = next(self.model.parameters()).device
-        self.model.load_adapter_state_dict(
-            load_file(str(path / "model.safetensors"), device=str(device)), str(path)
+    def _resume(self, resume_from_checkpoint: bool | str) -> tuple[int, ContinualResult | None]:
+        """Load the checkpoint (True: the latest in output_dir) into the model; returns the first task to
+        train and the restored result (None when there is no checkpoint)."""
+        path = self.latest_checkpoint() if resume_from_checkpoint is True else Path(resume_from_checkpoint)
+        if path is None:
+            logger.warning("no checkpoint found in %s: starting from the first task", self.args.output_dir)
+            return 0, None
+        checkpoint: TaskCheckpoint = load_task_checkpoint(
+            self.model,
+            path,
+            num_tasks=self.splits.num_tasks,
+            manifest=self.splits.to_manifest(),
+            fingerprint=self.run_fingerprint(),
         )
+        start = checkpoint.task_id + 1
+        for task_id in range(start):
+            self.model.register_task_classes(task_id, self.splits.task_classes[task_id])
+        logger.info("resumed from %s: continuing with task %d", path, start)
         result = ContinualResult(
-            accuracy=AccuracyMatrix.from_dict(state["accuracy"]),
-            task_il_accuracy=AccuracyMatrix.from_dict(state["task_il_accuracy"]),
-            memory_ranks=state.get("memory_ranks", []),
+            accuracy=checkpoint.accuracy,
+            task_il_accuracy=checkpoint.task_il_accuracy,
+            memory_ranks=checkpoint.memory_ranks,
         )
-        return int(state["task_id"]), result
+        return start, result
 
     # ------------------------------------------------------------------ the loop
     def _configure_task(self, task_id: int) -> None:
@@ -613,13 +604,56 @@ class ContinualTrainer(Trainer):
         `resume_from_checkpoint`: True (latest `checkpoint-task-*` in output_dir) or a path; the run
         continues with the task after the checkpoint's.
         """
+        self._prepare_splits(splits)
+        num_tasks = self.splits.num_tasks
+        result = ContinualResult(AccuracyMatrix(num_tasks), AccuracyMatrix(num_tasks))
+        start = 0
+        if resume_from_checkpoint:
+            start, restored = self._resume(resume_from_checkpoint)
+            result = restored or result
+
+        def timed_memory_update(task_id: int) -> None:
+            with self._phase(result, "memory"):
+                self.update_memory(task_id)
+
+        memory_schedule = TaskMemorySchedule(self.model, timed_memory_update)
+        for task_id in range(start, num_tasks):
+            self.current_task = task_id
+            set_seed(self.args.seed + task_id)
+            self.model.register_task_classes(task_id, self.splits.task_classes[task_id])
+            self.model.begin_task(task_id)
+            memory_schedule.before_training(task_id)  # reference L2P collects here, staged
+
+            self._configure_task(task_id)
+            logger.info("task %d/%d: %d training samples", task_id + 1, num_tasks, len(self.train_dataset))
+            with self._phase(result, "train"):
+                self.train()
+            self.check_finite_parameters()  # before the memory update: its eigh would fail on NaN
+
+            memory_schedule.after_training(task_id)
+            result.memory_ranks.append(self.model.memory.ranks())
+
+            with self._phase(result, "evaluation"):
+                self._evaluate_seen_tasks(task_id, result)
+            self._log_task_resources(task_id, result)
+            self._summarize(result)
+
+            self.save_task_checkpoint(task_id, result)
+            self.write_results(result)
+            self.log_task_metrics(task_id, result)
+            self._call_task_end(task_id, result)
+        if start >= num_tasks:
+            self._summarize(result)
+        return result
+
+    def _prepare_splits(self, splits: ContinualSplits | None) -> None:
+        """Take `splits` (new splits reset the per-run caches) and check them against the model's head."""
         if splits is not None:
             self.splits = splits
             self.query_cache.clear()  # row ids refer to the previous splits' rows
             self._decoded = {"train": DecodedImageCache(), "test": DecodedImageCache()}
         if self.splits is None:
             raise ValueError("train_continual needs splits (data.make_class_incremental_splits)")
-        num_tasks = self.splits.num_tasks
         for task_id, classes in enumerate(self.splits.task_classes):
             if max(classes) >= self.model.num_classes:
                 raise ValueError(
@@ -627,75 +661,39 @@ class ContinualTrainer(Trainer):
                 )
         if self.model.config.class_names is None and len(self.splits.class_names) == self.model.num_classes:
             self.model.config.class_names = list(self.splits.class_names)  # so predict() returns names
-        result = ContinualResult(AccuracyMatrix(num_tasks), AccuracyMatrix(num_tasks))
-        start = 0
-        if resume_from_checkpoint:
-            path = (
-                self.latest_checkpoint() if resume_from_checkpoint is True else Path(resume_from_checkpoint)
-            )
-            if path is None:
-                logger.warning(
-                    "no checkpoint found in %s: starting from the first task", self.args.output_dir
-                )
-            else:
-                done, result = self._load_checkpoint(path)
-                start = done + 1
-                for task_id in range(start):
-                    self.model.register_task_classes(task_id, self.splits.task_classes[task_id])
-                logger.info("resumed from %s: continuing with task %d", path, start)
 
-        timing = memory_update_timing(self.model)
-        for task_id in range(start, num_tasks):
-            self.current_task = task_id
-            set_seed(self.args.seed + task_id)
-            self.model.register_task_classes(task_id, self.splits.task_classes[task_id])
-            self.model.begin_task(task_id)
-            staged = None
-            if timing == "start" and self.model.config.use_pgp:
-                # Reference L2P: collect at the task's start, use the new bases from the next task on.
-                active = {k: v.clone() for k, v in self.model.memory.state_dict().items()}
-                with self._phase(result, "memory"):
-                    self.update_memory(task_id)
-                staged = {k: v.clone() for k, v in self.model.memory.state_dict().items()}
-                self.model.memory.load_state_dict(active)
-            self._configure_task(task_id)
-            logger.info("task %d/%d: %d training samples", task_id + 1, num_tasks, len(self.train_dataset))
-            with self._phase(result, "train"):
-                self.train()
-            self.check_finite_parameters()  # before the memory update: its eigh would fail on NaN
-            if staged is not None:
-                self.model.memory.load_state_dict(staged)
-            elif timing == "end":
-                with self._phase(result, "memory"):
-                    self.update_memory(task_id)
-            result.memory_ranks.append(self.model.memory.ranks())
-            with self._phase(result, "evaluation"):
-                for evaluated in range(task_id + 1):
-                    cil, til = self.evaluate_task(evaluated)
-                    result.accuracy.record(task_id, evaluated, cil)
-                    result.task_il_accuracy.record(task_id, evaluated, til)
-            if self.is_world_process_zero():
-                logger.info(
-                    "task %d: seconds per phase so far %s; query cache %.1f MiB (%d hits, %d computed), "
-                    "decoded images %.1f MiB",
-                    task_id,
-                    {name: round(value, 2) for name, value in result.seconds.items()},
-                    self.query_cache.nbytes / 2**20,
-                    self.query_cache.hits,
-                    self.query_cache.misses,
-                    sum(cache.nbytes for cache in self._decoded.values()) / 2**20,
+    def _evaluate_seen_tasks(self, task_id: int, result: ContinualResult) -> None:
+        """Row `task_id` of both accuracy matrices: every task seen so far."""
+        for evaluated in range(task_id + 1):
+            cil, til = self.evaluate_task(evaluated)
+            result.accuracy.record(task_id, evaluated, cil)
+            result.task_il_accuracy.record(task_id, evaluated, til)
+
+    @staticmethod
+    def _summarize(result: ContinualResult) -> None:
+        result.summary = continual_scores(result.accuracy)
+        result.summary["task_il"] = continual_scores(result.task_il_accuracy)
+
+    def _log_task_resources(self, task_id: int, result: ContinualResult) -> None:
+        if self.is_world_process_zero():
+            logger.info(
+                "task %d: seconds per phase so far %s; query cache %.1f MiB (%d hits, %d computed), "
+                "decoded images %.1f MiB",
+                task_id,
+                {name: round(value, 2) for name, value in result.seconds.items()},
+                self.query_cache.nbytes / 2**20,
+                self.query_cache.hits,
+                self.query_cache.misses,
+                sum(cache.nbytes for cache in self._decoded.values()) / 2**20,
+            )
+
+    def _call_task_end(self, task_id: int, result: ContinualResult) -> None:
+        """`on_task_end` of every `ContinualCallback` registered with the Trainer, in registration order."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, ContinualCallback):
+                callback.on_task_end(
+                    self.args, self.state, self.control, trainer=self, task_id=task_id, result=result
                 )
-            result.summary = continual_scores(result.accuracy)
-            result.summary["task_il"] = continual_scores(result.task_il_accuracy)
-            self.save_task_checkpoint(task_id, result)
-            self.write_results(result)
-            self.log_task_metrics(task_id, result)
-            for callback in self.task_end_callbacks:
-                callback(self, task_id, result)
-        if start >= num_tasks:
-            result.summary = continual_scores(result.accuracy)
-            result.summary["task_il"] = continual_scores(result.task_il_accuracy)
-        return result
 
     def log_task_metrics(self, task_id: int, result: ContinualResult) -> None:
         """Send the continual metrics after task `task_id` to the loggers and trackers (`report_to`).

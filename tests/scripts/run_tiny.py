@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tiny_cl  # noqa: E402
 
+from pgp_peft.callbacks import TaskEndFunction  # noqa: E402
+
 
 class KillAt(TrainerCallback):
     """SIGKILL this process after optimizer step `step` (1-based global_step) of task `task`."""
@@ -57,7 +59,7 @@ def main(out_dir: str, resume: bool) -> None:
     for callback in callbacks:
         callback.trainer = trainer
     trained: list[int] = []
-    trainer.task_end_callbacks.append(lambda tr, task_id, result: trained.append(task_id))
+    trainer.add_callback(TaskEndFunction(lambda tr, task_id, result: trained.append(task_id)))
     result = trainer.train_continual(resume_from_checkpoint=True if resume else None)
     payload = {
         "accuracy": result.accuracy.to_dict(),
