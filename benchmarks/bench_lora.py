@@ -73,6 +73,8 @@ def lora_run(
     memory_seconds: list[tuple[float, float]] = []
 
     def setup(trainer, model) -> None:
+        from pgp_peft.callbacks import TaskEndFunction
+
         method = model.method
 
         class StepTimer(TrainerCallback):
@@ -117,7 +119,7 @@ def lora_run(
                 probe["inputs"] = {path: x.clone() for path, x in inputs.items()}
             probe[task_id] = _layer_outputs(method, probe["inputs"])
 
-        trainer.task_end_callbacks.append(layer_probe)
+        trainer.add_callback(TaskEndFunction(layer_probe))
 
     overrides = {"memory_samples": protocol["memory_samples"], "project_update": project_update, **LORA}
     if threshold is not None:
