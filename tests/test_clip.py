@@ -10,7 +10,8 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
+from tiny_assets import tiny_clip_config
+from transformers import CLIPModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
 
 from pgp_peft.config import PromptGradientProjectionConfig
 from pgp_peft.heads import TextContextHead
@@ -43,28 +44,7 @@ def make_tokenizer(directory, eos_last: bool = False) -> CLIPTokenizer:
 
 def make_clip(tokenizer, eos_token_id: int | None = None) -> CLIPModel:
     torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=40,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id if eos_token_id is None else eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=16,
-            patch_size=4,
-        ),
-        projection_dim=16,
-    )
+    config = tiny_clip_config(tokenizer, eos_token_id=eos_token_id, max_position_embeddings=40)
     return CLIPModel(config).eval()
 
 

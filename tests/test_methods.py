@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_assets import TINY_VIT, write_char_tokenizer_files
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
+from tiny_assets import TINY_VIT, tiny_clip_config, write_char_tokenizer_files
+from transformers import CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
 
 from pgp_peft import PGPModel, PromptGradientProjectionConfig
 from pgp_peft.memory import update_memory
@@ -28,29 +28,7 @@ def tiny_clip(folder) -> tuple[CLIPModel, CLIPTokenizer]:
     write_char_tokenizer_files(folder)
     tokenizer = CLIPTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=16,
-            patch_size=4,
-        ),
-        projection_dim=16,
-    )
-    return CLIPModel(config).eval(), tokenizer
+    return CLIPModel(tiny_clip_config(tokenizer)).eval(), tokenizer
 
 
 # method -> builder(tmp_path, **config overrides) -> (config, backbone, tokenizer)

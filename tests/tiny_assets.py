@@ -96,26 +96,20 @@ def write_char_tokenizer_files(folder: str | Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n")
 
 
-def save_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
-    """Save a tiny `CLIPModel` with its tokenizer and a 16 px `CLIPImageProcessor` to `folder`."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+def tiny_clip_config(tokenizer, *, eos_token_id: int | None = None, max_position_embeddings: int = 64):
+    """A tiny `CLIPConfig` (width 32, 2 layers per tower, 16 px images, 4 px patches) for `tokenizer`."""
+    from transformers import CLIPConfig
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_char_tokenizer_files(folder)
-    tokenizer = CLIPTokenizer.from_pretrained(folder)
-    tokenizer.save_pretrained(folder)  # tokenizer_config.json + special tokens: AutoTokenizer finds it
-    torch.manual_seed(seed)
-    config = CLIPConfig(
+    return CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
-            max_position_embeddings=64,
+            max_position_embeddings=max_position_embeddings,
             bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id if eos_token_id is None else eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
         vision_config=dict(
@@ -128,7 +122,19 @@ def save_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
         ),
         projection_dim=16,
     )
-    CLIPModel(config).eval().save_pretrained(folder)
+
+
+def save_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
+    """Save a tiny `CLIPModel` with its tokenizer and a 16 px `CLIPImageProcessor` to `folder`."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_char_tokenizer_files(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    tokenizer.save_pretrained(folder)  # tokenizer_config.json + special tokens: AutoTokenizer finds it
+    torch.manual_seed(seed)
+    CLIPModel(tiny_clip_config(tokenizer)).eval().save_pretrained(folder)
     CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     ).save_pretrained(folder)
