@@ -50,7 +50,6 @@ TARGETS = {"evaluation": 0.6, "total": 0.75}
 
 def whole_run(splits, backbone_model, method: str, options: dict[str, Any], seed: int = 0) -> dict[str, Any]:
     """One 5-task run with `ContinualTrainer(**options)`; seconds per phase, accuracy matrix, cache sizes."""
-    from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     from pgp_peft import ContinualTrainer, get_pgp_model
@@ -60,23 +59,12 @@ def whole_run(splits, backbone_model, method: str, options: dict[str, Any], seed
     model = get_pgp_model(copy.deepcopy(backbone_model), common.make_config(method, True))
     train_tf, eval_tf = common.transforms()
     with tempfile.TemporaryDirectory(prefix="pgp_bench_run_") as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=protocol["batch_size"],
-            per_device_eval_batch_size=128,
-            num_train_epochs=protocol["epochs"],
-            learning_rate=protocol["learning_rate"],
-            lr_scheduler_type="constant",
-            optim="adamw_torch",
-            weight_decay=0.0,
-            max_grad_norm=protocol["max_grad_norm"],
+        args = common.training_arguments(
+            tmp,
+            batch_size=protocol["batch_size"],
+            epochs=protocol["epochs"],
+            lr=protocol["learning_rate"],
             seed=seed,
-            logging_strategy="no",
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            remove_unused_columns=False,
-            use_cpu=True,
         )
         trainer = ContinualTrainer(
             model, args, splits=splits, train_transform=train_tf, eval_transform=eval_tf, **options

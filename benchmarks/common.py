@@ -288,6 +288,31 @@ def relative_change(before, after) -> float:
     return float(torch.linalg.norm(after - before) / torch.linalg.norm(before).clamp_min(1e-12))
 
 
+def training_arguments(output_dir: str, *, batch_size: int, epochs: int, lr: float, seed: int):
+    """The protocol's `TrainingArguments`: Adam, constant lr, clipping 1.0, CPU, no logging or saving."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=128,
+        num_train_epochs=epochs,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=PROTOCOL["max_grad_norm"],
+        seed=seed,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
+
+
 def continual_run(
     *,
     splits,
@@ -306,7 +331,6 @@ def continual_run(
 
     `setup(trainer, model)`, if given, runs once before training (extra probes and timers)."""
     import torch
-    from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     from pgp_peft import ContinualTrainer, get_pgp_model
@@ -334,25 +358,7 @@ def continual_run(
         snapshots[task_id] = (out.logits[:, task0_classes].clone(), out.features.clone(), ids)
 
     with tempfile.TemporaryDirectory(prefix="pgp_bench_") as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=batch_size,
-            per_device_eval_batch_size=128,
-            num_train_epochs=epochs,
-            learning_rate=lr,
-            lr_scheduler_type="constant",
-            optim="adamw_torch",
-            weight_decay=0.0,
-            max_grad_norm=1.0,
-            seed=seed,
-            logging_strategy="no",
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            remove_unused_columns=False,
-            use_cpu=True,
-            dataloader_num_workers=0,
-        )
+        args = training_arguments(tmp, batch_size=batch_size, epochs=epochs, lr=lr, seed=seed)
         trainer = ContinualTrainer(
             model,
             args,

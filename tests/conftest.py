@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import pytest
@@ -41,3 +42,13 @@ def pixel_values() -> torch.Tensor:
     """(4, 3, 16, 16) images in [0, 1] from a fixed generator."""
     generator = torch.Generator().manual_seed(1234)
     return torch.rand(4, 3, 16, 16, generator=generator)
+
+
+@pytest.fixture
+def restore_logging():
+    """`main()` configures logging; keep the root logger as it was for the other tests."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers

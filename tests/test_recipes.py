@@ -104,18 +104,6 @@ def fast_plots(monkeypatch):
     monkeypatch.setattr(pgp_peft.trainer, "plot_accuracy_curves", tiny_png)
 
 
-@pytest.fixture
-def restore_logging():
-    """`main()` configures logging; keep the root logger as it was for the other tests."""
-    import logging
-
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    yield
-    root.setLevel(level)
-    root.handlers[:] = handlers
-
-
 def raw_yaml(name: str) -> dict[str, Any]:
     """The recipe file as written (not through load_recipe), to compare against."""
     with open(recipes_dir() / f"{name}.yaml", encoding="utf-8") as handle:

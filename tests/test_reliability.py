@@ -69,15 +69,6 @@ def assets(tmp_path_factory):
 
 
 @pytest.fixture
-def restore_logging():
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    yield
-    root.setLevel(level)
-    root.handlers[:] = handlers
-
-
-@pytest.fixture
 def fast_plots(monkeypatch):
     import pgp_peft.trainer
 
