@@ -244,7 +244,7 @@ def eval_pixels(dataset, image_size: int = 32):
 def shipped_backbone():
     from transformers import ViTModel
 
-    from pgp_peft.runner import resolve_builtin
+    from pgp_peft.backbones import resolve_builtin
 
     return ViTModel.from_pretrained(resolve_builtin(SHIPPED_BACKBONE), add_pooling_layer=False).eval()
 
@@ -254,7 +254,7 @@ def random_backbone(seed: int = 0, **overrides: Any):
     import torch
     from transformers import ViTConfig, ViTModel
 
-    from pgp_peft.runner import resolve_builtin
+    from pgp_peft.backbones import resolve_builtin
 
     config = ViTConfig.from_pretrained(resolve_builtin(SHIPPED_BACKBONE))
     for key, value in overrides.items():

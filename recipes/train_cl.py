@@ -3,7 +3,8 @@
 
     python recipes/train_cl.py                                  # the offline demo
     accelerate launch recipes/train_cl.py --recipe dualprompt_imr
-    python recipes/train_cl.py --recipe l2p_cifar100_10 --no-pgp training.epochs=1
+    python recipes/train_cl.py --recipe l2p_cifar100_10 --no-pgp training.num_train_epochs=1
+    python recipes/train_cl.py --recipe l2p_cifar100_10 --num_train_epochs 1 --per_device_train_batch_size 32
     python recipes/train_cl.py --list
 
 Recipes are the YAML files next to this script (see README.md for the list and paper numbers).

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from transformers import ViTConfig, ViTModel
 # Tiny models are dominated by per-op overhead: one intra-op thread is several times faster than two
 # on a shared 2-core machine, and results do not depend on it.
 torch.set_num_threads(1)
+# Recipe names resolve in the repository's recipes/ folder, as recipes/train_cl.py sets it up.
+os.environ.setdefault("PGP_RECIPES_DIR", str(Path(__file__).resolve().parents[1] / "recipes"))
 
 
 @pytest.fixture

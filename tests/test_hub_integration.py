@@ -36,7 +36,8 @@ from tiny_assets import (
 )
 
 from pgp_peft import PGPModel
-from pgp_peft.runner import apply_overrides, load_recipe, main, run_recipe
+from pgp_peft.recipe import apply_overrides, load_recipe
+from pgp_peft.runner import main, run_recipe
 
 NUM_TASKS = 2
 ADAPTER_FILES = {"config.json", "model.safetensors", "README.md"}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +27,18 @@ from PIL import Image
 from tiny_assets import CLASS_NAMES, IMAGE_SIZE, build_assets, class_image, tiny_png, torch_threads
 
 from pgp_peft import PGPModel
+from pgp_peft.arguments import ContinualTrainingArguments
 from pgp_peft.model import get_pgp_model
-from pgp_peft.runner import (
+from pgp_peft.recipe import (
     apply_overrides,
     available_recipes,
     build_adapter_config,
-    build_backbone_model,
-    build_datasets,
     build_training_arguments,
-    first_task_arguments,
     load_recipe,
-    main,
     recipes_dir,
-    run_recipe,
+    validate_recipe,
 )
+from pgp_peft.runner import build_backbone_model, build_datasets, main, run_recipe
 
 L2P = ["l2p_cifar100_10", "l2p_cifar100_20", "l2p_cub200", "l2p_imr", "l2p_tinyimagenet"]
 DUALPROMPT = [
@@ -80,7 +79,13 @@ OVERRIDDEN = {
         "max_train_per_task",
         "max_test_per_task",
     },
-    "training": {"epochs", "batch_size", "eval_batch_size", "use_cpu", "logging_steps"},
+    "training": {
+        "num_train_epochs",
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "use_cpu",
+        "logging_steps",
+    },
 }
 
 
@@ -194,13 +199,13 @@ def test_recipe_builds_and_trains_a_step(name, assets, tmp_path, fast_plots):
     training = raw["training"]
     args = build_training_arguments(recipe, str(tmp_path))
     assert args.learning_rate == pytest.approx(training["base_lr"] * 4 / 256)
-    assert args.optim.value == {"adam": "adamw_torch", "sgd": "sgd"}[training["optimizer"]]
-    assert args.lr_scheduler_type.value == training["lr_scheduler"]
+    assert args.optim.value == training["optim"]
+    assert args.lr_scheduler_type.value == training["lr_scheduler_type"]
     assert args.max_grad_norm == training["max_grad_norm"]
     assert args.weight_decay == training.get("weight_decay", 0.0)
     assert args.num_train_epochs == 1  # tiny run; online recipes are one pass anyway
     assert args.remove_unused_columns is False and args.use_cpu is True
-    first = first_task_arguments(recipe)
+    first = args.first_task_arguments()
     if "first_task_base_lr" in training:
         assert first["learning_rate"] == pytest.approx(training["first_task_base_lr"] * 4 / 256)
     if "first_task_weight_decay" in training:
@@ -238,8 +243,8 @@ def test_recipe_builds_and_trains_a_step(name, assets, tmp_path, fast_plots):
     assert max(g["weight_decay"] for g in groups) == pytest.approx(
         first.get("weight_decay", training.get("weight_decay", 0.0))
     )
-    if training["optimizer"] == "sgd":
-        assert groups[0]["momentum"] == training["momentum"]
+    if training["optim"] == "sgd":  # TrainingArguments' optim_args reach torch's SGD
+        assert f"momentum={groups[0]['momentum']}" == training["optim_args"]
     assert result.accuracy.values.shape == (1, 1)
     assert model.memory.is_empty() is (not raw["adapter"]["use_pgp"])  # bases after the first task
 
@@ -322,7 +327,7 @@ def test_demo_recipe_runs_through_the_cli(tmp_path, capsys, restore_logging):
             str(out),
             "data.max_train_per_task=40",
             "data.max_test_per_task=20",
-            "training.epochs=1",
+            "training.num_train_epochs=1",
         ]
     )
     assert code == 0
@@ -377,8 +382,9 @@ def test_list_prints_every_recipe(capsys):
 @pytest.mark.parametrize(
     ("override", "closest"),
     [
-        ("training.epoch=1", "training.epochs"),
-        ("epoch=1", "epochs"),
+        ("training.num_train_epoch=1", "training.num_train_epochs"),
+        ("num_train_epoch=1", "training.num_train_epochs"),
+        ("training.per_device_batch_size=1", "training.per_device_eval_batch_size"),
         ("adapter.pool_sise=4", "adapter.pool_size"),
         ("adapter.prompt_treshold=0.9", "adapter.prompt_threshold"),  # a config field the recipe omits
         ("data.num_task=5", "data.num_tasks"),
@@ -394,7 +400,8 @@ def test_unknown_override_key_names_the_closest_valid_key(override, closest, cap
 @pytest.mark.parametrize(
     "override",
     [
-        "training.epochs=abc",
+        "training.num_train_epochs=abc",
+        "training.per_device_train_batch_size=1.5",
         "training.base_lr=fast",
         "training.use_cpu=maybe",
         "data.num_tasks=[1, 2]",
@@ -423,16 +430,16 @@ def test_override_values_are_parsed_and_typed():
             "top_k=3",  # a bare key that is unique across sections
             "adapter.e_prompt_layers=[2, 3]",
             "data.holdout_fraction=null",
-            "--training.epochs=2",
+            "--training.num_train_epochs=2",
         ],
     )
     assert recipe["training"]["base_lr"] == 1e-3 and isinstance(recipe["training"]["base_lr"], float)
     assert recipe["model"]["layer_norm_eps"] == 1e-5
     assert recipe["adapter"]["prompt_threshold"] == 1.0
     assert recipe["adapter"]["top_k"] == 3 and recipe["adapter"]["e_prompt_layers"] == [2, 3]
-    assert recipe["data"]["holdout_fraction"] is None and recipe["training"]["epochs"] == 2
+    assert recipe["data"]["holdout_fraction"] is None and recipe["training"]["num_train_epochs"] == 2
     with pytest.raises(ValueError, match="not of the form key=value"):
-        apply_overrides(recipe, ["training.epochs"])
+        apply_overrides(recipe, ["training.num_train_epochs"])
 
 
 def test_report_to_reaches_the_training_arguments(tmp_path):
@@ -469,11 +476,11 @@ def test_cli_flags_reach_the_recipe(monkeypatch, tmp_path, capsys, restore_loggi
     monkeypatch.setattr(runner, "check_hub_access", lambda hub: None)  # no Hub here
     monkeypatch.chdir(tmp_path)  # the default output folders are created under outputs/
 
-    assert main(["--recipe", "l2p_cifar100_10", "--no-pgp", "--training.epochs=1"]) == 0
+    assert main(["--recipe", "l2p_cifar100_10", "--no-pgp", "--training.num_train_epochs=1"]) == 0
     recipe, output_dir = calls[-1]
     assert recipe["adapter"]["use_pgp"] is False
     assert build_adapter_config(recipe, 100, None).use_pgp is False
-    assert recipe["training"]["epochs"] == 1
+    assert recipe["training"]["num_train_epochs"] == 1
     assert Path(output_dir) == Path("outputs") / "l2p_cifar100_10_baseline"
 
     assert main(["--recipe", "dualprompt_imr"]) == 0
@@ -506,8 +513,12 @@ def test_bad_hub_settings_fail_before_training(monkeypatch, assets, tmp_path, ca
     assert main(["--recipe", "demo", "--push_to_hub"]) == 2
     assert "hub.hub_model_id: required with push_to_hub" in capsys.readouterr().err
     recipe = apply_overrides(load_recipe("demo"), ["hub.push_to_hub=true", "hub.hub_model_id=me/x"])
+    with pytest.raises(
+        ValueError, match=r"hub.strategy: expected one of \['end', 'every_task'\], got 'every-task'"
+    ):
+        apply_overrides(recipe, ["hub.strategy=every-task"])
     with pytest.raises(ValueError, match="hub.strategy: expected 'end' or 'every_task', got 'every-task'"):
-        run_recipe(apply_overrides(recipe, ["hub.strategy=every-task"]), str(tmp_path))
+        run_recipe({**recipe, "hub": {**recipe["hub"], "strategy": "every-task"}}, str(tmp_path))
     with pytest.raises(ValueError, match="hub.hub_model_id: required"):
         run_recipe(apply_overrides(recipe, ["hub.hub_model_id=null"]), str(tmp_path))
 
@@ -520,7 +531,126 @@ def test_recipe_file_with_unknown_section_is_rejected(tmp_path):
     path.write_text("adapter: {method: l2p, pool_size: 4}\ndata: {num_tasks: 2}\n")
     recipe = load_recipe(str(path))
     assert recipe["name"] == "mine" and recipe["adapter"]["pool_size"] == 4
-    assert recipe["training"]["epochs"] == 5  # defaults fill what the file does not state
+    assert recipe["training"]["num_train_epochs"] == 5  # defaults fill what the file does not state
+
+
+# ----------------------------------------------------------------------------- TrainingArguments names
+def test_any_training_arguments_field_reaches_the_trainer(tmp_path):
+    """The training section is `ContinualTrainingArguments`: every `TrainingArguments` field by its own name."""
+    from transformers import TrainingArguments
+
+    recipe = apply_overrides(
+        load_recipe("l2p_cifar100_10"),
+        [
+            "training.warmup_steps=3",
+            "gradient_accumulation_steps=2",  # a bare TrainingArguments key
+            "training.lr_scheduler_type=cosine",
+            "training.optim=sgd",
+        ],
+    )
+    validate_recipe(recipe)
+    args = build_training_arguments(recipe, str(tmp_path))
+    assert isinstance(args, TrainingArguments) and isinstance(args, ContinualTrainingArguments)
+    assert args.warmup_steps == 3 and args.gradient_accumulation_steps == 2
+    assert args.lr_scheduler_type.value == "cosine" and args.optim.value == "sgd"
+    assert args.optim_args == "momentum=0.9"  # the authors' SGD momentum, not torch's 0
+    assert args.learning_rate == pytest.approx(0.03 * 16 / 256)  # the recipe's base_lr at its batch size
+    assert args.save_strategy.value == "no" and args.remove_unused_columns is False
+
+
+def test_learning_rate_is_given_directly_only_without_base_lr(tmp_path):
+    direct = apply_overrides(
+        load_recipe("l2p_cifar100_10"), ["training.base_lr=null", "training.learning_rate=1e-3"]
+    )
+    validate_recipe(direct)
+    assert build_training_arguments(direct, str(tmp_path)).learning_rate == 1e-3
+    both = apply_overrides(load_recipe("l2p_cifar100_10"), ["training.learning_rate=1e-3"])
+    with pytest.raises(ValueError, match="training.learning_rate and training.base_lr are both set"):
+        validate_recipe(both)
+    # A copy of the arguments (dataclasses.replace, as a user may do) carries the derived rate: no conflict.
+    args = build_training_arguments(load_recipe("l2p_cifar100_10"), str(tmp_path))
+    assert dataclasses.replace(args).learning_rate == args.learning_rate
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.epochs=1", "training.epochs is now training.num_train_epochs"),
+        ("batch_size=8", "training.batch_size is now training.per_device_train_batch_size"),
+        ("training.optimizer=sgd", "training.optimizer is now training.optim"),
+        ("training.output_dir=x", "pass --output_dir"),
+        ("training.save_strategy=steps", "the continual trainer checkpoints after every task"),
+        ("training.push_to_hub=true", "use hub.push_to_hub"),
+        ("adapter.num_tasks=3", "adapter.num_tasks: set from data.num_tasks"),
+    ],
+)
+def test_renamed_and_trainer_owned_keys_are_refused_naming_the_key_to_use(
+    override, message, capsys, restore_logging
+):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        apply_overrides(load_recipe("demo"), [override])
+    assert main(["--recipe", "demo", override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_recipe_file_is_checked_as_the_command_line_is(tmp_path):
+    path = tmp_path / "mine.yaml"
+    cases = [
+        (
+            "training: {epochs: 3}\n",
+            "unknown key 'training.epochs': training.epochs is now training.num_train_epochs",
+        ),
+        ("training: {num_train_epochs: many}\n", "training.num_train_epochs: expected a number, got 'many'"),
+        ("data: {num_tasks: 2, augment: maybe}\n", "data.augment: expected true/false, got 'maybe'"),
+        ("adapter: {method: dualprompt, e_prompt_layers: 3}\n", "adapter.e_prompt_layers: expected a list"),
+        ("hub: {strategy: weekly}\n", "hub.strategy: expected one of ['end', 'every_task'], got 'weekly'"),
+    ]
+    for text, message in cases:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(f"recipe {path}: {message}")):
+            load_recipe(str(path))
+    path.write_text("- a list\n")
+    with pytest.raises(ValueError, match="expected sections"):
+        load_recipe(str(path))
+    # values are typed as on the command line: a YAML int for a float field is a float
+    path.write_text("training: {num_train_epochs: 3, base_lr: 1e-3}\n")
+    training = load_recipe(str(path))["training"]
+    assert training["num_train_epochs"] == 3.0 and training["base_lr"] == 1e-3
+
+
+def test_recipe_names_resolve_only_in_the_recipe_folder(monkeypatch, tmp_path):
+    """No lookup through the package's install path: a name needs PGP_RECIPES_DIR (set by train_cl.py)."""
+    monkeypatch.delenv("PGP_RECIPES_DIR")
+    with pytest.raises(ValueError, match="a recipe name needs the recipe folder"):
+        load_recipe("demo")
+    path = tmp_path / "mine.yaml"
+    path.write_text("data: {num_tasks: 2}\n")
+    assert load_recipe(str(path))["data"]["num_tasks"] == 2
+    with pytest.raises(ValueError, match="no such file"):
+        load_recipe(str(tmp_path / "missing.yaml"))
+
+
+def test_hf_argument_parser_forms_on_the_command_line(monkeypatch, tmp_path, capsys, restore_logging):
+    """`--key value` (lists as several words, a bare boolean flag) as HfArgumentParser reads them."""
+    import pgp_peft.runner as runner
+
+    calls: list[dict] = []
+    monkeypatch.setattr(runner, "run_recipe", lambda recipe, output_dir, **kw: calls.append(recipe))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--recipe", "dualprompt_imr", "--e_prompt_layers", "2", "3", "--use_cpu", "--output_dir", "o"]
+    assert main([*argv, "--seed", "7", "--per_device_train_batch_size=8"]) == 0
+    recipe = calls[-1]
+    assert recipe["adapter"]["e_prompt_layers"] == [2, 3]
+    assert recipe["training"]["use_cpu"] is True and recipe["training"]["seed"] == 7
+    assert recipe["training"]["per_device_train_batch_size"] == 8
+    capsys.readouterr()
+    assert main(["--recipe", "demo", "--num_train_epochs", "1", "2"]) == 2
+    assert "--num_train_epochs: expected one value, got 2" in capsys.readouterr().err
+    assert main(["--recipe", "demo", "--hub_strategy", "weekly"]) == 2
+    assert "invalid choice: 'weekly'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0 and "--overwrite_output_dir" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- determinism, through the CLI
@@ -533,7 +663,7 @@ SMALL_DEMO = [
     "data.num_tasks=2",
     "data.max_train_per_task=48",
     "data.max_test_per_task=10",
-    "training.epochs=1",
+    "training.num_train_epochs=1",
     "adapter.memory_samples=16",
 ]
 

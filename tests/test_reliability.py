@@ -34,6 +34,7 @@ from tiny_assets import build_assets, save_tiny_vit, tiny_png, torch_threads
 from pgp_peft import PGPModel
 from pgp_peft.config import PromptGradientProjectionConfig as Config
 from pgp_peft.data import load_image_dataset, make_class_incremental_splits, verify_image_files
+from pgp_peft.recipe import apply_overrides, available_recipes, load_recipe, validate_recipe
 from pgp_peft.run_folder import (
     LOCK_NAME,
     OutputFolderLock,
@@ -42,14 +43,7 @@ from pgp_peft.run_folder import (
     prepare_output_dir,
     run_fingerprint,
 )
-from pgp_peft.runner import (
-    apply_overrides,
-    build_datasets,
-    check_hub_access,
-    load_recipe,
-    main,
-    validate_recipe,
-)
+from pgp_peft.runner import build_datasets, check_hub_access, main
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
@@ -295,10 +289,12 @@ def test_fingerprint_names_the_differing_settings():
         adapter_config={"prompt_threshold": 0.97}, training={"learning_rate": 0.1}, manifest={}, seed=42
     )
     saved = run_fingerprint(recipe=recipe, **base)
-    changed = apply_overrides(recipe, ["training.epochs=9", "hub.token=abc", "training.logging_steps=3"])
+    changed = apply_overrides(
+        recipe, ["training.num_train_epochs=9", "hub.token=abc", "training.logging_steps=3"]
+    )
     current = run_fingerprint(recipe=changed, **{**base, "seed": 7})
     assert fingerprint_differences(saved, current) == [
-        f"recipe.training.epochs: {recipe['training']['epochs']} -> 9",
+        f"recipe.training.num_train_epochs: {recipe['training']['num_train_epochs']} -> 9.0",
         "seed: 42 -> 7",
     ]
     assert not any("token" in key for key in saved)  # the hub section (and its token) is never stored
@@ -314,15 +310,20 @@ def test_resume_refuses_another_run_and_overwrite_replaces_it(
     args = ["--output_dir", str(out), *assets.overrides(recipe), "data.num_tasks=2"]
     assert main(args) == 0
     state = json.loads((out / "checkpoint-task-1" / "continual_state.json").read_text())
-    assert state["fingerprint"]["recipe.training.epochs"] == 1 and state["fingerprint"]["seed"] == 42
+    assert (
+        state["fingerprint"]["recipe.training.num_train_epochs"] == 1 and state["fingerprint"]["seed"] == 42
+    )
     capsys.readouterr()
 
     assert main(args) == 2
     assert "holds another run" in capsys.readouterr().err
-    assert main([*args, "--resume", "training.epochs=2", "adapter.prompt_threshold=0.9"]) == 2
+    assert main([*args, "--resume", "training.num_train_epochs=2", "adapter.prompt_threshold=0.9"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the log lines: one error line
     assert err.startswith("error: checkpoint ")
-    assert "recipe.training.epochs: 1 -> 2" in err and "adapter.prompt_threshold: 0.97 -> 0.9" in err
+    assert (
+        "recipe.training.num_train_epochs: 1.0 -> 2.0" in err
+        and "adapter.prompt_threshold: 0.97 -> 0.9" in err
+    )
     assert main([*args, "--resume"]) == 0
     (out / "checkpoint-task-1" / "marker").write_text("old run")
     assert main([*args, "--overwrite_output_dir"]) == 0
@@ -337,17 +338,20 @@ def test_flags_and_overrides_in_any_order(monkeypatch, tmp_path, restore_logging
     monkeypatch.setattr(runner, "run_recipe", lambda recipe, output_dir, **kw: calls.append((recipe, kw)))
     monkeypatch.chdir(tmp_path)
     orders = [
-        ["--no-pgp", "training.epochs=1", "data.num_tasks=2"],
-        ["training.epochs=1", "--no-pgp", "data.num_tasks=2"],
-        ["training.epochs=1", "--recipe", "demo", "data.num_tasks=2", "--no-pgp"],
-        ["--training.epochs=1", "--no-pgp", "data.num_tasks=2", "--output_dir", "x"],
-        ["training.epochs=1", "--training.seed=3", "data.num_tasks=2", "--no-pgp"],  # bare after --k=v
-        ["data.num_tasks=2", "--resume", "training.epochs=1", "--no-pgp"],
+        ["--no-pgp", "training.num_train_epochs=1", "data.num_tasks=2"],
+        ["training.num_train_epochs=1", "--no-pgp", "data.num_tasks=2"],
+        ["training.num_train_epochs=1", "--recipe", "demo", "data.num_tasks=2", "--no-pgp"],
+        ["--training.num_train_epochs=1", "--no-pgp", "data.num_tasks=2", "--output_dir", "x"],
+        ["num_train_epochs=1", "--training.seed=3", "data.num_tasks=2", "--no-pgp"],  # bare after --k=v
+        ["data.num_tasks=2", "--resume", "training.num_train_epochs=1", "--no-pgp"],
+        # HfArgumentParser's own form: `--key value`, with flags of the command in between
+        ["--num_train_epochs", "1", "--no-pgp", "--num_tasks", "2"],
+        ["--no-pgp", "--training.num_train_epochs", "1", "--resume", "data.num_tasks=2"],
     ]
     for argv in orders:
         assert main(argv) == 0, argv
         recipe, kwargs = calls[-1]
-        assert recipe["training"]["epochs"] == 1 and recipe["data"]["num_tasks"] == 2, argv
+        assert recipe["training"]["num_train_epochs"] == 1 and recipe["data"]["num_tasks"] == 2, argv
         assert recipe["adapter"]["use_pgp"] is False, argv
     assert calls[-1][1]["resume"] is True
 
@@ -355,15 +359,25 @@ def test_flags_and_overrides_in_any_order(monkeypatch, tmp_path, restore_logging
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("training.epochs=0", "training.epochs: must be a positive integer, got 0"),
-        ("training.batch_size=0", "training.batch_size: must be a positive integer"),
+        ("training.num_train_epochs=0", "training.num_train_epochs: must be a finite number > 0, got 0"),
+        (
+            "training.per_device_train_batch_size=0",
+            "training.per_device_train_batch_size: must be a positive integer",
+        ),
         ("training.base_lr=0", "training.base_lr: must be a finite number > 0, got 0"),
         ("training.base_lr=-1e-3", "training.base_lr: must be a finite number > 0"),
-        ("training.optimizer=adagrad", "training.optimizer: expected adam or sgd"),
         (
-            "training.lr_scheduler=cosin",
-            "training.lr_scheduler: unknown schedule 'cosin'; did you mean 'cosine'",
+            "training.optim=adamw_torh",
+            "training.optim: unknown optimizer 'adamw_torh'; did you mean 'adamw_torch'",
         ),
+        (
+            "training.lr_scheduler_type=cosin",
+            "training.lr_scheduler_type: unknown schedule 'cosin'; did you mean 'cosine'",
+        ),
+        ("training.learning_rate=0.001", "training.learning_rate and training.base_lr are both set"),
+        ("training.base_lr=null", "training.base_lr or training.learning_rate: one of them must be set"),
+        ("training.weight_decay=-1", "training.weight_decay: must be a finite number >= 0"),
+        ("training.warmup_steps=-5", "training: Got warmup_steps = -5.0"),  # TrainingArguments' own check
         ("adapter.method=vpt", "adapter.method: unknown method 'vpt'"),
         ("adapter.top_k=20", "adapter.top_k: top_k=20 exceeds pool_size=10"),
         ("data.num_tasks=3", "data.num_tasks=3 does not divide the 10 classes"),
@@ -434,11 +448,15 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_cli_error_is_one_line_with_exit_code_2(tmp_path):
-    """The real entry point: `--no-pgp training.epochs=0` (an override after a flag) fails before any work."""
-    completed = _cli("--no-pgp", "training.epochs=0", "--output_dir", "out", cwd=tmp_path)
+    """The real entry point: `--no-pgp training.per_device_train_batch_size=0` (an override after a flag)
+    fails before any work."""
+    completed = _cli(
+        "--no-pgp", "training.per_device_train_batch_size=0", "--output_dir", "out", cwd=tmp_path
+    )
     assert completed.returncode == 2
     assert completed.stderr.splitlines() == [
-        "error: training.epochs: must be a positive integer, got 0; e.g. training.epochs=1"
+        "error: training.per_device_train_batch_size: must be a positive integer, got 0; "
+        "e.g. training.per_device_train_batch_size=1"
     ]
     assert not (tmp_path / "out").exists()
 
@@ -446,7 +464,7 @@ def test_cli_error_is_one_line_with_exit_code_2(tmp_path):
 def test_cli_second_run_into_a_locked_folder_fails(tmp_path, capsys, restore_logging):
     (tmp_path / "out").mkdir()
     with OutputFolderLock(tmp_path / "out"):
-        completed = _cli("--output_dir", "out", "training.epochs=1", cwd=tmp_path)
+        completed = _cli("--output_dir", "out", "training.num_train_epochs=1", cwd=tmp_path)
         assert completed.returncode == 2
         assert (
             completed.stderr.strip()
@@ -559,8 +577,6 @@ def test_broken_image_files_are_reported_by_path_before_training(tmp_path):
 
 
 def test_every_shipped_recipe_passes_the_early_checks():
-    from pgp_peft.runner import available_recipes
-
     for name in available_recipes():
         validate_recipe(load_recipe(name))
 

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 import tiny_cl  # noqa: E402
 
 from pgp_peft import data as data_module  # noqa: E402
+from pgp_peft.arguments import ContinualTrainingArguments  # noqa: E402
 from pgp_peft.data import (  # noqa: E402
     DecodedImageCache,
     RowIdTransform,
@@ -25,7 +26,7 @@ from pgp_peft.data import (  # noqa: E402
 )
 from pgp_peft.methods.prompt_selection import task_slots  # noqa: E402
 from pgp_peft.query_cache import QueryCache  # noqa: E402
-from pgp_peft.runner import DEFAULTS, trainer_speed_options, use_bf16  # noqa: E402
+from pgp_peft.runner import trainer_speed_options  # noqa: E402
 from pgp_peft.trainer import ContinualTrainer  # noqa: E402
 
 OFF = {"eval_query_cache": False, "train_query_cache": False, "decode_cache": False}
@@ -249,12 +250,13 @@ def test_bf16_autocast_on_cpu_with_the_caches(tmp_path):
     np.testing.assert_array_equal(results[0].accuracy.values, results[1].accuracy.values)
 
 
-def test_recipe_speed_defaults():
-    training = dict(DEFAULTS["training"])
-    assert use_bf16(training) is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    assert use_bf16({**training, "use_cpu": True}) is False
-    assert use_bf16({**training, "bf16": True, "use_cpu": True}) is True
-    options = trainer_speed_options({"training": training})
+def test_recipe_speed_defaults(tmp_path):
+    """bf16 unset: autocast exactly on a bf16-capable CUDA device; an explicit value wins."""
+    args = ContinualTrainingArguments(output_dir=str(tmp_path))
+    assert args.bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert ContinualTrainingArguments(output_dir=str(tmp_path), use_cpu=True).bf16 is False
+    assert ContinualTrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True).bf16 is True
+    options = trainer_speed_options(args)
     assert options == {
         "eval_query_cache": True,
         "train_query_cache": None,

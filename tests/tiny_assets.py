@@ -199,9 +199,9 @@ def tiny_recipe_overrides(
         f"data.image_size={IMAGE_SIZE}",
         f"data.max_train_per_task={max_train_per_task}",
         f"data.max_test_per_task={max_test_per_task}",
-        "training.epochs=1",
-        "training.batch_size=4",
-        "training.eval_batch_size=16",
+        "training.num_train_epochs=1",
+        "training.per_device_train_batch_size=4",
+        "training.per_device_eval_batch_size=16",
         "training.use_cpu=true",
         "training.logging_steps=1000",
     ]

@@ -270,7 +270,7 @@ def run_fingerprint(
     seed: int,
     recipe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything that defines a run, flattened to `{"recipe.training.epochs": 5, "seed": 42, ...}` (JSON values).
+    """Everything that defines a run, flattened to `{"recipe.training.num_train_epochs": 5.0, "seed": 42, ...}` (JSON values).
 
     `recipe`: the recipe after overrides (its hub section and logging knobs are left out);
     `adapter_config`: the adapter config's dict; `training`: the optimisation settings;

@@ -1,263 +1,40 @@
-"""Recipes: YAML files that describe one continual-learning run, and the code that runs them.
+"""Running a recipe end to end, and the `recipes/train_cl.py` command.
 
-`recipes/train_cl.py` is a thin entry point over `main()`. A recipe has five sections:
-
-    model:    base_model_name_or_path, revision, attn_implementation, layer_norm_eps
-    adapter:  PromptGradientProjectionConfig fields (`method` picks the preset)
-    data:     dataset (Hub id, local directory or `pgp_peft:fashion_mnist_demo`), columns, splits,
-              num_tasks, image_size, preprocessing (`reference` | `processor`), size limits
-    training: epochs, batch_size, base_lr (lr = base_lr * batch_size / 256), optimizer, schedule,
-              seed, compare_baseline (also run without projection and compare), ...
-    hub:      push_to_hub, hub_model_id, private, strategy (`end` | `every_task`)
-
-Any value can be overridden on the command line with `section.key=value` (or a bare `key=value`
-when the key name is unique across sections).
+`run_recipe` builds the datasets, backbone, adapter and `ContinualTrainingArguments` a recipe describes
+(see `recipe.py` for the recipe format) and trains the task sequence; `main` is the command: its own flags
+are `ScriptArguments` parsed by `transformers.HfArgumentParser`, everything else is a recipe override.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import difflib
 import logging
-import math
 import os
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
+from transformers import HfArgumentParser
 
+from .arguments import DEMO_DATASET, ContinualTrainingArguments, ScriptArguments, is_bool_field, is_list_field
 from .backbones import load_backbone, resolve_builtin
 from .callbacks import ContinualCallback
+from .recipe import (
+    apply_overrides,
+    available_recipes,
+    backbone_kwargs,
+    build_adapter_config,
+    build_training_arguments,
+    check_hub_settings,
+    field_owner,
+    load_recipe,
+    resolve_key,
+    validate_recipe,
+)
 from .run_folder import BASELINE_DIR, prepare_output_dir
 
 logger = logging.getLogger("pgp_peft")
-
-SECTIONS = ("model", "adapter", "data", "training", "hub")
-DEMO_DATASET = "pgp_peft:fashion_mnist_demo"
-DEMO_NUM_CLASSES = 10  # the shipped Fashion-MNIST subset (data.load_demo_dataset)
-
-# Every recipe starts from these values; a recipe file only states what differs.
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {
-        "base_model_name_or_path": "google/vit-base-patch16-224-in21k",
-        "revision": None,
-        "attn_implementation": None,
-        "layer_norm_eps": None,
-    },
-    "adapter": {"method": "l2p"},
-    "data": {
-        "dataset": DEMO_DATASET,
-        "train_split": "train",
-        "test_split": "test",
-        "image_column": "image",
-        "label_column": "label",
-        "holdout_fraction": None,
-        "holdout_seed": 0,
-        "num_tasks": 5,
-        "classes_per_task": None,
-        "class_order_seed": None,
-        "image_size": 224,
-        "preprocessing": "reference",
-        "augment": False,
-        "max_train_per_task": None,
-        "max_test_per_task": None,
-        "class_names": None,
-    },
-    "training": {
-        "epochs": 5,
-        "batch_size": 16,
-        "eval_batch_size": 64,
-        "base_lr": 0.03,
-        "optimizer": "adam",
-        "momentum": 0.9,
-        "weight_decay": 0.0,
-        "lr_scheduler": "constant",
-        "max_grad_norm": 1.0,
-        "seed": 42,
-        "online": False,
-        "bf16": None,  # None: bf16 autocast when a CUDA device with bf16 is used, fp32 otherwise
-        "first_task_base_lr": None,
-        "first_task_weight_decay": None,
-        "logging_steps": 20,
-        "dataloader_num_workers": 0,
-        "use_cpu": False,
-        "report_to": "none",
-        # Also run the same recipe without projection into <output_dir>/baseline and compare.
-        "compare_baseline": False,
-        # Deterministic kernels (TrainingArguments.full_determinism): bitwise GPU repeats, slower.
-        "full_determinism": False,
-        # torch intra-op CPU threads (null: torch's default). Tiny models run fastest on 1.
-        "torch_threads": None,
-        # speed options of ContinualTrainer (README "Performance notes")
-        "eval_query_cache": True,
-        "train_query_cache": None,  # None: when the training transform is not augmented
-        "decode_cache": True,
-        "compile_backbone": False,
-    },
-    "hub": {"push_to_hub": False, "hub_model_id": None, "private": None, "strategy": "end", "token": None},
-}
-
-
-# ----------------------------------------------------------------------------- recipes
-def recipes_dir() -> Path:
-    """The recipe folder: $PGP_RECIPES_DIR, else `recipes/` of the source checkout."""
-    env = os.environ.get("PGP_RECIPES_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "recipes"
-
-
-def available_recipes(directory: Path | None = None) -> list[str]:
-    directory = directory or recipes_dir()
-    return sorted(path.stem for path in directory.glob("*.yaml"))
-
-
-def _merge(base: dict, update: dict, where: str) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in (update or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value, f"{where}.{key}")
-        else:
-            out[key] = value
-    return out
-
-
-def load_recipe(name_or_path: str, directory: Path | None = None) -> dict[str, Any]:
-    """Read a recipe by name (from the recipe folder) or path; unknown names list the valid ones."""
-    directory = directory or recipes_dir()
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = directory / f"{name_or_path}.yaml"
-    if not path.exists():
-        names = available_recipes(directory)
-        raise ValueError(f"unknown recipe {name_or_path!r}; available recipes: {', '.join(names)}")
-    with open(path, encoding="utf-8") as handle:
-        raw = yaml.safe_load(handle) or {}
-    unknown = sorted(set(raw) - set(SECTIONS) - {"name", "description", "paper"})
-    if unknown:
-        raise ValueError(f"recipe {path}: unknown section(s) {unknown}; sections are {list(SECTIONS)}")
-    recipe = {section: _merge(DEFAULTS[section], raw.get(section, {}), section) for section in SECTIONS}
-    recipe["name"] = raw.get("name", path.stem)
-    recipe["description"] = raw.get("description", "")
-    recipe["paper"] = raw.get("paper", {})
-    return recipe
-
-
-def _adapter_fields() -> dict[str, Any]:
-    """Every registered method's config fields by name (the first method declaring a name wins)."""
-    from .config import config_class
-    from .methods import available_methods
-
-    fields: dict[str, Any] = {}
-    for method in available_methods():
-        for name, field in config_class(method).__dataclass_fields__.items():
-            fields.setdefault(name, field)
-    return fields
-
-
-def _valid_keys(recipe: dict[str, Any]) -> list[str]:
-    keys = [f"{section}.{key}" for section in SECTIONS for key in recipe[section]]
-    keys += [f"adapter.{f}" for f in _adapter_fields() if f"adapter.{f}" not in keys]
-    return keys
-
-
-def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` (or unique bare `key=value`) overrides; values are parsed as YAML.
-
-    Unknown keys raise `ValueError` naming the closest valid key; a value of the wrong type raises
-    `ValueError` naming the key.
-    """
-    recipe = copy.deepcopy(recipe)
-    valid = _valid_keys(recipe)
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value")
-        key, text = item.split("=", 1)
-        key = key.strip().lstrip("-").replace("-", "_")
-        if "." not in key:
-            matches = [k for k in valid if k.split(".", 1)[1] == key]
-            if len(matches) == 1:
-                key = matches[0]
-            elif len(matches) > 1:
-                raise ValueError(f"override key {key!r} is ambiguous: use one of {matches}")
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1) or difflib.get_close_matches(
-                key, [k.split(".", 1)[1] for k in valid], n=1
-            )
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown override key {key!r}{hint}")
-        section, name = key.split(".", 1)
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ValueError(f"override {key}: cannot parse value {text!r}: {error}") from error
-        current = recipe[section].get(name)
-        recipe[section][name] = _check_type(key, _type_example(section, name, current), value)
-    return recipe
-
-
-# Keys whose default is None: an example of the type they take, so their overrides are type-checked too.
-_TYPE_EXAMPLES: dict[str, Any] = {
-    "model.layer_norm_eps": 1e-6,
-    "data.holdout_fraction": 0.2,
-    "data.classes_per_task": 1,
-    "data.class_order_seed": 0,
-    "data.max_train_per_task": 1,
-    "data.max_test_per_task": 1,
-    "data.class_names": [],
-    "training.first_task_base_lr": 0.1,
-    "training.first_task_weight_decay": 0.1,
-    "training.bf16": False,
-    "training.train_query_cache": False,
-    "training.torch_threads": 1,
-    "hub.private": False,
-}
-
-
-def _type_example(section: str, name: str, current: Any) -> Any:
-    """The value an override of `section.name` is type-checked against (None: any type)."""
-    if current is not None:
-        return current
-    if f"{section}.{name}" in _TYPE_EXAMPLES:
-        return _TYPE_EXAMPLES[f"{section}.{name}"]
-    if section == "adapter":  # a config field the recipe does not set: its dataclass default
-        import dataclasses
-
-        field = _adapter_fields().get(name)
-        if field is not None and field.default is not dataclasses.MISSING:
-            return field.default
-        if field is not None and field.default_factory is not dataclasses.MISSING:
-            return field.default_factory()
-    return None
-
-
-def _check_type(key: str, current: Any, value: Any) -> Any:
-    if current is None or value is None:
-        return value
-    if isinstance(current, float) and isinstance(value, str):
-        try:  # YAML 1.1 reads `1e-3` (no dot) as a string
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(current, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"override {key}: expected true/false, got {value!r}")
-        return value
-    if isinstance(current, int) and not isinstance(current, bool):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"override {key}: expected an integer, got {value!r}")
-        return value
-    if isinstance(current, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"override {key}: expected a number, got {value!r}")
-        return float(value)
-    if isinstance(current, str) and not isinstance(value, str):
-        return str(value)
-    if isinstance(current, list) and not isinstance(value, list):
-        raise ValueError(f"override {key}: expected a list like [0, 1], got {value!r}")
-    return value
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -266,14 +43,8 @@ def build_backbone_model(model_section: dict[str, Any]):
     return load_backbone(
         model_section["base_model_name_or_path"],
         model_section.get("revision"),
-        _backbone_kwargs(model_section),
+        backbone_kwargs(model_section),
     )
-
-
-def _backbone_kwargs(model_section: dict[str, Any]) -> dict[str, Any]:
-    if model_section.get("layer_norm_eps") is None:
-        return {}
-    return {"layer_norm_eps": float(model_section["layer_norm_eps"])}
 
 
 def build_datasets(
@@ -370,103 +141,10 @@ def _limit_splits(splits, max_train: int | None, max_test: int | None, seed: int
     return splits
 
 
-def build_adapter_config(recipe: dict[str, Any], num_classes: int, class_names: list[str] | None):
-    from .config import PromptGradientProjectionConfig
-    from .methods import available_methods
-
-    values = dict(recipe["adapter"])
-    method = values.setdefault("method", "l2p")
-    if method not in available_methods():
-        raise ValueError(f"adapter.method: unknown method {method!r}; expected one of {available_methods()}")
-    values.setdefault("num_classes", num_classes)
-    values.setdefault("class_names", class_names)
-    values.setdefault("preprocessing", recipe["data"]["preprocessing"])
-    values.setdefault("num_tasks", recipe["data"]["num_tasks"])
-    values["base_model_name_or_path"] = recipe["model"]["base_model_name_or_path"]
-    values["base_model_kwargs"] = _backbone_kwargs(recipe["model"])
-    values["revision"] = recipe["model"]["revision"]
-    # from_dict: a recipe written for 0.1.0 may name fields its method does not use (dropped there).
-    return PromptGradientProjectionConfig.from_dict(values)
-
-
-def build_training_arguments(recipe: dict[str, Any], output_dir: str):
-    import torch
-    from transformers import TrainingArguments
-
-    training = recipe["training"]
-    lr = training["base_lr"] * training["batch_size"] / 256
-    optim = {"adam": "adamw_torch", "sgd": "sgd"}.get(training["optimizer"])
-    if optim is None:
-        raise ValueError(f"training.optimizer: expected adam or sgd, got {training['optimizer']!r}")
-    return TrainingArguments(
-        output_dir=output_dir,
-        per_device_train_batch_size=training["batch_size"],
-        per_device_eval_batch_size=training["eval_batch_size"],
-        num_train_epochs=1 if training["online"] else training["epochs"],
-        learning_rate=lr,
-        weight_decay=training["weight_decay"],
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        optim=optim,
-        optim_args=f"momentum={training['momentum']}" if optim == "sgd" else None,
-        lr_scheduler_type=training["lr_scheduler"],
-        max_grad_norm=training["max_grad_norm"],
-        seed=training["seed"],
-        full_determinism=training["full_determinism"],
-        bf16=use_bf16(training),
-        logging_steps=training["logging_steps"],
-        save_strategy="no",
-        report_to=_report_to(training["report_to"]),
-        remove_unused_columns=False,
-        dataloader_num_workers=training["dataloader_num_workers"],
-        dataloader_pin_memory=torch.cuda.is_available() and not training["use_cpu"],
-        use_cpu=training["use_cpu"],
-        disable_tqdm=False,
-    )
-
-
-def _report_to(value: Any) -> list[str]:
-    """`training.report_to` -> `TrainingArguments.report_to`: "none", "all", an integration name, a
-    comma-separated string of names (the CLI form, e.g. `training.report_to=tensorboard,wandb`) or a list."""
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
-    names = value.split(",") if isinstance(value, str) else value
-    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        raise ValueError(f"training.report_to: expected a name or a list of names, got {value!r}")
-    names = [name.strip() for name in names if name.strip()]
-    known = ["none", "all", *INTEGRATION_TO_CALLBACK]
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        raise ValueError(f"training.report_to: unknown tracker(s) {unknown}; expected names from {known}")
-    return [] if names in ([], ["none"]) else names
-
-
-def use_bf16(training: dict[str, Any]) -> bool:
-    """`training.bf16`, or when unset (None): bf16 autocast on a CUDA device that supports it. The adapter's
-    parameters, gradients and the projection stay float32 either way."""
-    import torch
-
-    if training["bf16"] is not None:
-        return bool(training["bf16"])
-    return not training["use_cpu"] and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def trainer_speed_options(recipe: dict[str, Any]) -> dict[str, Any]:
-    """The `ContinualTrainer` speed options a recipe sets (query caches, decode cache, compiled backbone)."""
-    training = recipe["training"]
+def trainer_speed_options(args: ContinualTrainingArguments) -> dict[str, Any]:
+    """The `ContinualTrainer` speed options the arguments set (query caches, decode cache, compiled backbone)."""
     keys = ("eval_query_cache", "train_query_cache", "decode_cache", "compile_backbone")
-    return {key: training[key] for key in keys}
-
-
-def first_task_arguments(recipe: dict[str, Any]) -> dict[str, Any]:
-    training = recipe["training"]
-    out: dict[str, Any] = {}
-    if training.get("first_task_base_lr") is not None:
-        out["learning_rate"] = training["first_task_base_lr"] * training["batch_size"] / 256
-    if training.get("first_task_weight_decay") is not None:
-        out["weight_decay"] = training["first_task_weight_decay"]
-    return out
+    return {key: getattr(args, key) for key in keys}
 
 
 # ----------------------------------------------------------------------------- running
@@ -490,9 +168,10 @@ def run_recipe(
     from .model import get_pgp_model
     from .trainer import ContinualTrainer
 
-    _check_hub(recipe["hub"])  # before any training: a bad hub setting must not cost a run
+    check_hub_settings(recipe["hub"])  # before any training: a bad hub setting must not cost a run
+    args = build_training_arguments(recipe, output_dir)
     baseline = None
-    if recipe["training"]["compare_baseline"] and recipe["adapter"].get("use_pgp", True):
+    if args.compare_baseline and recipe["adapter"].get("use_pgp", True):
         # First, so the PGP run's results.json (and every Hub push of it) already carries it. The
         # baseline wraps a copy of the given backbone (wrapping installs hooks on a backbone).
         baseline = run_baseline(
@@ -504,11 +183,11 @@ def run_recipe(
         )
     # Seed before anything random is built (prompts, keys, head): the same recipe and seed give the
     # same accuracy matrix, and a resumed run the same as an uninterrupted one.
-    set_seed(recipe["training"]["seed"])
-    if recipe["training"]["torch_threads"]:
+    set_seed(args.seed)
+    if args.torch_threads:
         import torch
 
-        torch.set_num_threads(int(recipe["training"]["torch_threads"]))
+        torch.set_num_threads(args.torch_threads)
     splits, train_transform, eval_transform = build_datasets(recipe["data"], recipe["model"], output_dir)
     config = build_adapter_config(recipe, splits.num_classes, splits.class_names)
     if backbone is None:
@@ -516,18 +195,17 @@ def run_recipe(
     model = get_pgp_model(
         backbone, config, attn_implementation=recipe["model"]["attn_implementation"], tokenizer=tokenizer
     )
-    args = build_training_arguments(recipe, output_dir)
     trainer = ContinualTrainer(
         model,
         args,
         splits=splits,
         train_transform=train_transform,
         eval_transform=eval_transform,  # memory samples: the trainer's default (training transform in reference mode)
-        first_task_args=first_task_arguments(recipe),
-        online=recipe["training"]["online"],
+        first_task_args=args.first_task_arguments(),
+        online=args.online,
         callbacks=_hub_callbacks(recipe),
         recipe=recipe,
-        **trainer_speed_options(recipe),
+        **trainer_speed_options(args),
     )
     if baseline is not None:
         trainer.extra_results["baseline"] = baseline_payload(baseline)
@@ -612,16 +290,9 @@ def print_comparison(recipe, method: str, result, baseline, output_dir: str) -> 
     print(f"baseline adapter and results: {os.path.join(output_dir, BASELINE_DIR)}")
 
 
-def _check_hub(hub: dict[str, Any]) -> None:
-    if hub["strategy"] not in ("end", "every_task"):
-        raise ValueError(f"hub.strategy: expected 'end' or 'every_task', got {hub['strategy']!r}")
-    if hub["push_to_hub"] and not hub["hub_model_id"]:
-        raise ValueError("hub.hub_model_id: required with push_to_hub (e.g. your-name/l2p-pgp-cifar100)")
-
-
 def _push(model, recipe, trainer, result, message: str) -> None:
     hub = recipe["hub"]
-    _check_hub(hub)
+    check_hub_settings(hub)
     model.push_to_hub(
         hub["hub_model_id"],
         private=hub["private"],
@@ -650,48 +321,96 @@ def _hub_callbacks(recipe: dict[str, Any]) -> list[ContinualCallback]:
     return [HubPushCallback(recipe)]
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    """Flags and `section.key=value` overrides, in any order (argparse's intermixed parsing)."""
-    parser = argparse.ArgumentParser(
-        description="Continual learning with Prompt Gradient Projection (L2P / DualPrompt / CLIP / LoRA).",
-        epilog="Overrides: section.key=value, e.g. training.epochs=1 adapter.pool_size=20",
-    )
-    parser.add_argument("--recipe", default="demo", help="recipe name (see --list) or path to a YAML file")
-    parser.add_argument("--output_dir", default=None, help="default: outputs/<recipe>")
-    parser.add_argument(
-        "--no-pgp", dest="no_pgp", action="store_true", help="the baseline: no gradient projection"
-    )
-    parser.add_argument("--resume", action="store_true", help="continue from the latest per-task checkpoint")
-    parser.add_argument(
-        "--overwrite_output_dir",
-        action="store_true",
-        help="replace the run already in --output_dir (its files are removed first)",
-    )
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", default=None)
-    parser.add_argument("--hub_private", action="store_true")
-    parser.add_argument(
-        "--hub_strategy", choices=("end", "every_task"), default=None, help="push once, or a commit per task"
-    )
-    parser.add_argument("--list", action="store_true", help="list the recipes and exit")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    return parser.parse_known_intermixed_args(argv)
-
-
 class UsageError(ValueError):
     """A command-line mistake (printed as one `error: ...` line, exit code 2)."""
 
 
-def _recipe_from_args(args: argparse.Namespace, unknown: list[str]) -> dict[str, Any]:
-    overrides = list(args.overrides)
-    # argparse leaves everything after an unknown `--key=value` unparsed: any `key=value` left is an override.
-    for item in unknown:
-        if "=" in item and not (item.startswith("-") and not item.startswith("--")):
-            overrides.append(item.removeprefix("--"))
+class _ScriptParser(HfArgumentParser):
+    """`HfArgumentParser` over `ScriptArguments` whose mistakes raise `UsageError` (one line, exit 2)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see --help)")
+
+
+@dataclass
+class SpacedOverride:
+    """`--key value [value ...]` on the command line (the `HfArgumentParser` form of a recipe override)."""
+
+    flag: str
+    values: list[str]
+
+
+def script_parser() -> HfArgumentParser:
+    return _ScriptParser(
+        ScriptArguments,
+        description="Continual learning with Prompt Gradient Projection (L2P / DualPrompt / CLIP / LoRA).",
+        epilog="Recipe overrides, in any order among the flags: section.key=value (training.num_train_epochs=1), "
+        "a unique bare key=value (pool_size=20), --key=value or --key value (--num_train_epochs 1).",
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, list[str | SpacedOverride]]:
+    """The command's flags (`ScriptArguments`) and the recipe overrides, in any order.
+
+    Overrides: `section.key=value`, `key=value`, `--section.key=value`, `--key=value` and `--key value`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = script_parser()
+    takes_value = {
+        f"--{spelling}"
+        for item in fields(ScriptArguments)
+        if not is_bool_field(ScriptArguments, item.name)
+        for spelling in (item.name, item.name.replace("_", "-"))
+    }
+    flags: list[str] = []
+    overrides: list[str | SpacedOverride] = []
+    value_expected = False
+    for token in argv:
+        # `section.key=value` is an override unless it is the value of a flag (`--output_dir a=b`).
+        if not value_expected and "=" in token and not token.startswith("-"):
+            overrides.append(token)
         else:
-            raise UsageError(f"unrecognised argument {item!r} (see --help)")
-    recipe = apply_overrides(load_recipe(args.recipe), overrides)
+            flags.append(token)
+        value_expected = token in takes_value
+    script_args, remaining = parser.parse_args_into_dataclasses(args=flags, return_remaining_strings=True)
+    index = 0
+    while index < len(remaining):
+        token = remaining[index]
+        if not token.startswith("--") or token == "--":
+            raise UsageError(f"unrecognised argument {token!r} (see --help)")
+        index += 1
+        if "=" in token:
+            overrides.append(token[2:])
+            continue
+        values = []
+        while index < len(remaining) and not remaining[index].startswith("--"):
+            values.append(remaining[index])
+            index += 1
+        overrides.append(SpacedOverride(token, values))
+    return script_args, overrides
+
+
+def _override_text(recipe: dict[str, Any], override: SpacedOverride) -> str:
+    """`--key v [v ...]` as the `section.key=value` override it stands for."""
+    try:
+        key = resolve_key(override.flag)
+    except ValueError:
+        raise UsageError(f"unrecognised argument {override.flag!r} (see --help)") from None
+    section, name = key.split(".", 1)
+    owner = field_owner(recipe, section, name)
+    if is_list_field(owner, name):
+        return f"{key}=[{', '.join(override.values)}]"
+    if not override.values and is_bool_field(owner, name):
+        return f"{key}=true"  # `--use_cpu`, as HfArgumentParser reads a bare boolean flag
+    if len(override.values) != 1:
+        raise UsageError(f"{override.flag}: expected one value, got {len(override.values)} (see --help)")
+    return f"{key}={override.values[0]}"
+
+
+def recipe_from_args(args: ScriptArguments, overrides: list[str | SpacedOverride]) -> dict[str, Any]:
+    """The recipe `--recipe` names, with the overrides and the flags that set recipe keys applied."""
+    recipe = load_recipe(args.recipe)
+    texts = [item if isinstance(item, str) else _override_text(recipe, item) for item in overrides]
+    recipe = apply_overrides(recipe, [text.removeprefix("--") for text in texts])
     if args.no_pgp:
         recipe["adapter"]["use_pgp"] = False
     if args.push_to_hub:
@@ -720,7 +439,11 @@ def _error_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """The `train_cl.py` command. Any error is printed as one `error: ...` line with exit code 2
     (`--debug` raises it with its traceback instead)."""
-    args, unknown = parse_args(argv)
+    try:
+        args, overrides = parse_args(argv)
+    except UsageError as error:
+        print(_error_line(error), file=sys.stderr)
+        return 2
     if args.list:
         for name in available_recipes():
             print(name)
@@ -728,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = False
     try:
-        recipe = _recipe_from_args(args, unknown)
+        recipe = recipe_from_args(args, overrides)
         validate_recipe(recipe)  # before any data, backbone or folder is touched
         if recipe["hub"]["push_to_hub"] and _is_main_process():
             check_hub_access(recipe["hub"])
@@ -755,125 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- checks before any work
-_SCHEDULERS = (
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-    "reduce_lr_on_plateau",
-    "cosine_with_min_lr",
-    "warmup_stable_decay",
-)
-
-
-def validate_recipe(recipe: dict[str, Any]) -> None:
-    """Check what can be checked from the recipe alone; raise `ValueError` naming the key and the fix.
-
-    Runs before data, backbone or output folder are touched: step counts, batch sizes, learning
-    rates, optimizer, schedule, method and adapter fields, task split (when the class count is known
-    without loading the data) and the hub settings.
-    """
-    training, data, model = recipe["training"], recipe["data"], recipe["model"]
-
-    def positive_int(section: dict, where: str, name: str, optional: bool = False) -> None:
-        value = section.get(name)
-        if optional and value is None:
-            return
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(
-                f"{where}.{name}: must be a positive integer, got {value!r}; e.g. {where}.{name}=1"
-            )
-
-    def positive_number(section: dict, where: str, name: str, optional: bool = False) -> None:
-        value = section.get(name)
-        if optional and value is None:
-            return
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            raise ValueError(f"{where}.{name}: must be a finite number > 0, got {value!r}")
-
-    for name in ("epochs", "batch_size", "eval_batch_size"):
-        positive_int(training, "training", name)
-    positive_number(training, "training", "base_lr")
-    positive_number(training, "training", "first_task_base_lr", optional=True)
-    for name in ("weight_decay", "momentum", "max_grad_norm"):
-        value = training.get(name)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            raise ValueError(f"training.{name}: must be a finite number >= 0, got {value!r}")
-    if training["optimizer"] not in ("adam", "sgd"):
-        raise ValueError(f"training.optimizer: expected adam or sgd, got {training['optimizer']!r}")
-    if training["lr_scheduler"] not in _SCHEDULERS:
-        close = difflib.get_close_matches(str(training["lr_scheduler"]), _SCHEDULERS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of {list(_SCHEDULERS)}"
-        raise ValueError(f"training.lr_scheduler: unknown schedule {training['lr_scheduler']!r}{hint}")
-    positive_int(training, "training", "torch_threads", optional=True)
-    _report_to(training["report_to"])
-    if training.get("train_query_cache") and data.get("augment"):
-        raise ValueError(
-            "training.train_query_cache=true needs data.augment=false: a random crop changes an image's "
-            "query every epoch; leave training.train_query_cache unset (null)"
-        )
-    positive_number(model, "model", "layer_norm_eps", optional=True)
-    positive_int(data, "data", "num_tasks")
-    positive_int(data, "data", "classes_per_task", optional=True)
-    positive_int(data, "data", "image_size")
-    positive_int(data, "data", "max_train_per_task", optional=True)
-    positive_int(data, "data", "max_test_per_task", optional=True)
-    fraction = data.get("holdout_fraction")
-    if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
-        raise ValueError(f"data.holdout_fraction: must lie in (0, 1) or be null, got {fraction!r}")
-    try:  # the method and every adapter field, with the class count still unknown
-        build_adapter_config(recipe, None, data.get("class_names"))
-    except (TypeError, ValueError) as error:
-        raise ValueError(str(error).replace("PromptGradientProjectionConfig.", "adapter.")) from None
-    _check_task_split(data)
-    _check_hub(recipe["hub"])
-
-
-def known_num_classes(data: dict[str, Any]) -> int | None:
-    """The dataset's class count when it is known without loading it: the demo, or a local
-    `imagefolder` (one sub-folder per class in its train split folder). None otherwise."""
-    if data["dataset"] == DEMO_DATASET:
-        return DEMO_NUM_CLASSES
-    train_dir = Path(str(data["dataset"])) / str(data["train_split"])
-    if data.get("holdout_fraction") is None and train_dir.is_dir():
-        classes = [p for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        return len(classes) or None
-    return None
-
-
-def _check_task_split(data: dict[str, Any]) -> None:
-    num_classes = known_num_classes(data)
-    if num_classes is None:
-        return
-    tasks, per_task = data["num_tasks"], data.get("classes_per_task")
-    if per_task is not None:
-        if tasks * per_task > num_classes:
-            raise ValueError(
-                f"data.num_tasks={tasks} x data.classes_per_task={per_task} needs {tasks * per_task} classes, "
-                f"but {data['dataset']} has {num_classes}"
-            )
-    elif num_classes % tasks:
-        divisors = [n for n in range(1, num_classes + 1) if num_classes % n == 0]
-        raise ValueError(
-            f"data.num_tasks={tasks} does not divide the {num_classes} classes of {data['dataset']}; use one of "
-            f"{divisors}, or set data.classes_per_task={max(num_classes // tasks, 1)}"
-        )
-
-
+# ----------------------------------------------------------------------------- checks with the network
 def check_hub_access(hub: dict[str, Any]) -> None:
     """With push_to_hub: the repo id is well formed and the token is accepted by the Hub (`whoami`),
     before any training. Raises `ValueError` naming the setting and the fix."""
@@ -881,7 +486,7 @@ def check_hub_access(hub: dict[str, Any]) -> None:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    _check_hub(hub)
+    check_hub_settings(hub)
     try:
         validate_repo_id(hub["hub_model_id"])
     except HFValidationError as error:
