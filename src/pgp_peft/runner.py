@@ -393,8 +393,8 @@ def _override_text(recipe: dict[str, Any], override: SpacedOverride) -> str:
     """`--key v [v ...]` as the `section.key=value` override it stands for."""
     try:
         key = resolve_key(override.flag)
-    except ValueError:
-        raise UsageError(f"unrecognised argument {override.flag!r} (see --help)") from None
+    except ValueError as error:  # names the closest recipe key, or the new name of a renamed one
+        raise UsageError(f"unrecognised argument {override.flag!r}: {error} (see --help)") from None
     section, name = key.split(".", 1)
     owner = field_owner(recipe, section, name)
     if is_list_field(owner, name):
