@@ -653,6 +653,42 @@ def test_hf_argument_parser_forms_on_the_command_line(monkeypatch, tmp_path, cap
     assert exited.value.code == 0 and "--overwrite_output_dir" in capsys.readouterr().out
 
 
+def test_command_line_edge_cases(monkeypatch, tmp_path, capsys, restore_logging):
+    """Values containing '=', LoRA's `--r` (no abbreviation of --recipe), explicit false for the hub flags,
+    the `--` separator, command-line order, and words typed as HfArgumentParser types them."""
+    import pgp_peft.runner as runner
+
+    calls: list[dict] = []
+    monkeypatch.setattr(runner, "run_recipe", lambda recipe, output_dir, **kw: calls.append(recipe))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--recipe", "lora_demo", "--r", "4", "--optim", "sgd", "--optim_args", "momentum=0.5"]) == 0
+    assert calls[-1]["adapter"]["r"] == 4 and calls[-1]["training"]["optim_args"] == "momentum=0.5"
+    assert (
+        main(["--recipe", "demo", "hub.push_to_hub=true", "hub.private=true", "--push_to_hub", "false"]) == 0
+    )
+    assert calls[-1]["hub"]["push_to_hub"] is False and calls[-1]["hub"]["private"] is True
+    assert main(["--recipe", "demo", "--hub_private", "false"]) == 0 and calls[-1]["hub"]["private"] is False
+    assert main(["--recipe", "demo", "--seed=4", "training.seed=3", "--", "data.max_test_per_task=7"]) == 0
+    assert calls[-1]["training"]["seed"] == 3 and calls[-1]["data"]["max_test_per_task"] == 7
+    assert main(["--recipe", "demo", "--class_names", "yes", "T-shirt, top", "--revision", "0123"]) == 0
+    assert calls[-1]["data"]["class_names"] == ["yes", "T-shirt, top"]
+    assert calls[-1]["model"]["revision"] == "0123"
+    capsys.readouterr()
+    for argv, message in [
+        (["--seed", "null"], "override training.seed: expected an integer, got null"),
+        (["save_strategy=epoch"], "training.save_strategy: set by the continual trainer"),
+        (["--eval_strategy", "steps"], "training.eval_strategy: set by the continual trainer"),
+        (["training.hub_revision=dev"], "pgp_peft pushes to the repo's main branch"),
+        (["--optim", "adam"], "unknown optimizer 'adam'; did you mean 'adamw_torch'?"),
+        (["training.momentum=0.5"], "e.g. training.optim_args=momentum=0.9"),
+    ]:
+        assert main(["--recipe", "demo", *argv]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    monkeypatch.delenv("PGP_RECIPES_DIR")
+    assert main(["--list"]) == 2
+    assert "--list needs the recipe folder" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- determinism, through the CLI
 REPO = Path(__file__).resolve().parents[1]
 # The demo recipe (PGP run + no-PGP baseline), shrunk: 2 tasks x 5 classes, 48 training images per

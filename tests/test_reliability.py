@@ -310,9 +310,7 @@ def test_resume_refuses_another_run_and_overwrite_replaces_it(
     args = ["--output_dir", str(out), *assets.overrides(recipe), "data.num_tasks=2"]
     assert main(args) == 0
     state = json.loads((out / "checkpoint-task-1" / "continual_state.json").read_text())
-    assert (
-        state["fingerprint"]["recipe.training.num_train_epochs"] == 1 and state["fingerprint"]["seed"] == 42
-    )
+    assert state["fingerprint"]["training.num_train_epochs"] == 1 and state["fingerprint"]["seed"] == 42
     capsys.readouterr()
 
     assert main(args) == 2
@@ -320,11 +318,17 @@ def test_resume_refuses_another_run_and_overwrite_replaces_it(
     assert main([*args, "--resume", "training.num_train_epochs=2", "adapter.prompt_threshold=0.9"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the log lines: one error line
     assert err.startswith("error: checkpoint ")
-    assert (
-        "recipe.training.num_train_epochs: 1.0 -> 2.0" in err
-        and "adapter.prompt_threshold: 0.97 -> 0.9" in err
-    )
-    assert main([*args, "--resume"]) == 0
+    assert "training.num_train_epochs: 1.0 -> 2.0" in err and "adapter.prompt_threshold: 0.97 -> 0.9" in err
+    assert "recipe.training.num_train_epochs" not in state["fingerprint"]  # held as the resolved argument
+    # Spelling out defaults (TrainingArguments' seed 42 and weight decay 0) is the same run.
+    assert main([*args, "--resume", "--seed", "42", "training.weight_decay=0"]) == 0
+    state_file = out / "checkpoint-task-1" / "continual_state.json"
+    state = json.loads(state_file.read_text())
+    state["fingerprint"]["pgp_peft_version"] = "0.1.0"
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    assert "was written by pgp_peft 0.1.0, this is " in capsys.readouterr().err
     (out / "checkpoint-task-1" / "marker").write_text("old run")
     assert main([*args, "--overwrite_output_dir"]) == 0
     assert not (out / "checkpoint-task-1" / "marker").exists() and not (out / LOCK_NAME).exists()

@@ -99,6 +99,8 @@ class HubArguments:
 
 
 # TrainingArguments fields the continual trainer decides itself; a recipe naming one is refused, with why.
+_NO_EFFECT = "no effect in a continual run (every seen task is evaluated after each task; see README)"
+_PER_TASK_CHECKPOINTS = "the continual trainer checkpoints after every task (checkpoint-task-<t>)"
 CONTROLLED_TRAINING_FIELDS: dict[str, str] = {
     "output_dir": "pass --output_dir",
     "overwrite_output_dir": "pass --overwrite_output_dir",
@@ -108,11 +110,37 @@ CONTROLLED_TRAINING_FIELDS: dict[str, str] = {
     "hub_strategy": "use hub.strategy (or --hub_strategy)",
     "hub_token": "use hub.token",
     "hub_private_repo": "use hub.private (or --hub_private)",
-    "save_strategy": "the continual trainer checkpoints after every task (checkpoint-task-<t>)",
-    "save_steps": "the continual trainer checkpoints after every task (checkpoint-task-<t>)",
-    "eval_strategy": "every seen task is evaluated after each task",
-    "eval_steps": "every seen task is evaluated after each task",
+    "hub_always_push": "pgp_peft pushes with hub.strategy (end or every_task)",
+    "hub_revision": "pgp_peft pushes to the repo's main branch",
+    "save_strategy": _PER_TASK_CHECKPOINTS,
+    "save_steps": _PER_TASK_CHECKPOINTS,
+    "save_total_limit": _PER_TASK_CHECKPOINTS,
+    "save_only_model": _PER_TASK_CHECKPOINTS,
+    "save_on_each_node": _PER_TASK_CHECKPOINTS,
+    "restore_callback_states_from_checkpoint": _PER_TASK_CHECKPOINTS,
     "remove_unused_columns": "the trainer needs the task id and row id columns",
+    "label_names": "the labels are the dataset's label column (data.label_column)",
+    **dict.fromkeys(
+        [
+            "eval_strategy",
+            "eval_steps",
+            "eval_delay",
+            "eval_on_start",
+            "eval_do_concat_batches",
+            "eval_use_gather_object",
+            "eval_accumulation_steps",
+            "prediction_loss_only",
+            "include_for_metrics",
+            "batch_eval_metrics",
+            "load_best_model_at_end",
+            "metric_for_best_model",
+            "greater_is_better",
+            "do_train",
+            "do_eval",
+            "do_predict",
+        ],
+        _NO_EFFECT,
+    ),
 }
 
 
@@ -121,7 +149,8 @@ class ContinualTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the defaults of the paper's protocol, and the PGP-specific keys.
 
     The learning rate follows the authors' rule `learning_rate = base_lr * per_device_train_batch_size / 256`
-    unless `base_lr` is null, in which case `learning_rate` is used as given. `bf16` left unset (None)
+    unless `base_lr` is null, in which case `learning_rate` is used as given (a recipe setting both is
+    refused; here `base_lr` decides). `bf16` left unset (None)
     means bf16 autocast on a CUDA device that supports it and fp32 otherwise; the adapter's parameters, its
     gradients and the projection stay float32 either way.
     """
@@ -192,15 +221,8 @@ class ContinualTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         self.report_to = report_to_names(self.report_to)
         if self.base_lr is not None:
-            derived = self.base_lr * self.per_device_train_batch_size / LR_REFERENCE_BATCH
-            # A copy (dataclasses.replace, to_dict round trip) carries the derived value: that is no conflict.
-            if self.learning_rate is not None and self.learning_rate != derived:
-                raise ValueError(
-                    "training.learning_rate and training.base_lr are both set; learning_rate is derived from "
-                    "base_lr (base_lr * per_device_train_batch_size / 256): set training.base_lr=null to give "
-                    "learning_rate directly"
-                )
-            self.learning_rate = derived
+            # base_lr decides: a copy with another batch size (dataclasses.replace) gets its own rate.
+            self.learning_rate = self.base_lr * self.per_device_train_batch_size / LR_REFERENCE_BATCH
         elif self.learning_rate is None:
             raise ValueError("training.base_lr or training.learning_rate: one of them must be set")
         if self.bf16 is None:
@@ -265,9 +287,14 @@ class ScriptArguments:
         default=False,
         metadata={"help": "replace the run already in --output_dir (its files are removed first)"},
     )
-    push_to_hub: bool = False
+    # None: the recipe decides. `nargs="?"`: `--push_to_hub` alone means true, as for the other flags.
+    push_to_hub: bool | None = field(
+        default=None, metadata={"help": "overrides hub.push_to_hub", "nargs": "?", "const": True}
+    )
     hub_model_id: str | None = None
-    hub_private: bool = False
+    hub_private: bool | None = field(
+        default=None, metadata={"help": "overrides hub.private", "nargs": "?", "const": True}
+    )
     hub_strategy: Literal["end", "every_task"] | None = field(
         default=None, metadata={"help": "push once, or a commit per task"}
     )
@@ -357,9 +384,11 @@ def parse_value(cls: type, name: str, value: Any, where: str) -> Any:
 
     `where` names the key in errors (`override training.num_train_epochs`). None is kept as is; a field
     whose type is a union of several types (e.g. `report_to`) is left to the dataclass to check."""
-    if value is None:
-        return None
     tp = _resolved_type(cls, name)
+    if value is None:
+        if type(None) in typing.get_args(tp) or _default(cls, name) is None:
+            return None
+        raise ValueError(f"{where}: expected {_expected(tp)}, got null")
     options = _non_none(tp)
     if len(options) != 1 or typing.get_origin(options[0]) is dict:
         return value
@@ -380,6 +409,13 @@ def parse_value(cls: type, name: str, value: Any, where: str) -> Any:
         raise ValueError(f"{where}: expected {_expected(tp)}, got {value!r}")
     parsed = getattr(namespace, name)
     return parsed.value if isinstance(parsed, Enum) else parsed
+
+
+def _default(cls: type, name: str) -> Any:
+    item = init_fields(cls)[name]
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return None if item.default is dataclasses.MISSING else item.default
 
 
 def is_list_field(cls: type, name: str) -> bool:

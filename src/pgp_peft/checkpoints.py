@@ -122,6 +122,12 @@ def load_task_checkpoint(
         logger.warning(
             "checkpoint %s has no run fingerprint (older pgp_peft): only the split is checked", path
         )
+    elif saved_fingerprint.get("pgp_peft_version") != fingerprint.get("pgp_peft_version"):
+        raise ValueError(
+            f"checkpoint {path} was written by pgp_peft {saved_fingerprint.get('pgp_peft_version')}, this is "
+            f"{fingerprint.get('pgp_peft_version')}: resume it with that version, or start a new run with "
+            "--overwrite_output_dir or another --output_dir"
+        )
     else:
         differences = fingerprint_differences(saved_fingerprint, fingerprint)
         if differences:

@@ -79,6 +79,10 @@ RENAMED_TRAINING_KEYS = {
     "lr_scheduler": "lr_scheduler_type",
     "momentum": "optim_args",
 }
+RENAMED_VALUE_HINTS = {
+    "optimizer": " (adam -> adamw_torch)",
+    "momentum": " (e.g. training.optim_args=momentum=0.9)",
+}
 
 
 # ----------------------------------------------------------------------------- recipe files
@@ -192,19 +196,20 @@ def resolve_key(key: str) -> str:
     if key in valid:
         return key
     section, _, name = key.rpartition(".")
-    if section == "adapter" and name in ADAPTER_FIELDS_FROM_OTHER_SECTIONS:
+    # (a bare key that is valid in some section was resolved above)
+    if section in ("adapter", "") and name in ADAPTER_FIELDS_FROM_OTHER_SECTIONS:
         raise ValueError(
-            f"{key}: set from {ADAPTER_FIELDS_FROM_OTHER_SECTIONS[name]}, not in the adapter section"
+            f"adapter.{name}: set from {ADAPTER_FIELDS_FROM_OTHER_SECTIONS[name]}, not in the adapter section"
         )
-    if section == "training" and name in CONTROLLED_TRAINING_FIELDS:
+    if section in ("training", "") and name in CONTROLLED_TRAINING_FIELDS:
         raise ValueError(
-            f"{key}: set by the continual trainer, not by a recipe; {CONTROLLED_TRAINING_FIELDS[name]}"
+            f"training.{name}: set by the continual trainer, not by a recipe; {CONTROLLED_TRAINING_FIELDS[name]}"
         )
     if section in ("training", "") and name in RENAMED_TRAINING_KEYS:
         new = RENAMED_TRAINING_KEYS[name]
         raise ValueError(
-            f"unknown key {key!r}: training.{name} is now training.{new} (the TrainingArguments name); "
-            "see README 'Train a paper configuration'"
+            f"unknown key {key!r}: training.{name} is now training.{new} (the TrainingArguments name)"
+            f"{RENAMED_VALUE_HINTS.get(name, '')}; see README 'Train a paper configuration'"
         )
     close = difflib.get_close_matches(key, valid, n=1) or difflib.get_close_matches(
         key, [k.split(".", 1)[1] for k in valid], n=1
@@ -277,6 +282,11 @@ def validate_recipe(recipe: dict[str, Any]) -> None:
     _positive_number(training, "training", "first_task_base_lr", optional=True)
     for name in ("weight_decay", "max_grad_norm", "first_task_weight_decay"):
         _non_negative_number(training, "training", name)
+    if training.get("base_lr") is not None and training.get("learning_rate") is not None:
+        raise ValueError(
+            "training.learning_rate and training.base_lr are both set; learning_rate is derived from base_lr "
+            "(base_lr * per_device_train_batch_size / 256): set training.base_lr=null to give learning_rate directly"
+        )
     _check_choice(training, "optim", _optimizer_names(), "optimizer")
     _check_choice(training, "lr_scheduler_type", _scheduler_names(), "schedule")
     _positive_int(training, "training", "torch_threads", optional=True)
@@ -397,7 +407,7 @@ def _check_choice(training: dict[str, Any], name: str, choices: list[str], what:
     value = training.get(name)
     if value in choices:
         return
-    close = difflib.get_close_matches(str(value), choices, n=1)
+    close = ["adamw_torch"] if value == "adam" else difflib.get_close_matches(str(value), choices, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of {choices}"
     raise ValueError(f"training.{name}: unknown {what} {value!r}{hint}")
 

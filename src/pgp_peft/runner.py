@@ -21,6 +21,7 @@ from .arguments import DEMO_DATASET, ContinualTrainingArguments, ScriptArguments
 from .backbones import load_backbone, resolve_builtin
 from .callbacks import ContinualCallback
 from .recipe import (
+    RECIPES_DIR_ENV,
     apply_overrides,
     available_recipes,
     backbone_kwargs,
@@ -29,7 +30,9 @@ from .recipe import (
     check_hub_settings,
     field_owner,
     load_recipe,
+    recipes_dir,
     resolve_key,
+    set_recipe_value,
     validate_recipe,
 )
 from .run_folder import BASELINE_DIR, prepare_output_dir
@@ -334,91 +337,133 @@ class _ScriptParser(HfArgumentParser):
 
 @dataclass
 class SpacedOverride:
-    """`--key value [value ...]` on the command line (the `HfArgumentParser` form of a recipe override)."""
+    """`--key value [value ...]` on the command line: a recipe override in `HfArgumentParser`'s form, its
+    words typed as `HfArgumentParser` types them (a lone `null` is None; no words: a boolean flag)."""
 
     flag: str
-    values: list[str]
+    words: list[str]
 
 
 def script_parser() -> HfArgumentParser:
+    # allow_abbrev=False: `--r 4` (LoRA's rank) must not be read as an abbreviation of --recipe / --resume.
     return _ScriptParser(
         ScriptArguments,
+        allow_abbrev=False,
         description="Continual learning with Prompt Gradient Projection (L2P / DualPrompt / CLIP / LoRA).",
         epilog="Recipe overrides, in any order among the flags: section.key=value (training.num_train_epochs=1), "
-        "a unique bare key=value (pool_size=20), --key=value or --key value (--num_train_epochs 1).",
+        "a unique bare key=value (pool_size=20), --key=value or --key value (--num_train_epochs 1). "
+        "TrainingArguments' own `debug` is set as training.debug=... (--debug is this command's).",
     )
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, list[str | SpacedOverride]]:
-    """The command's flags (`ScriptArguments`) and the recipe overrides, in any order.
+_BOOL_WORDS = {"true", "false", "yes", "no", "t", "f", "y", "n", "1", "0"}
 
-    Overrides: `section.key=value`, `key=value`, `--section.key=value`, `--key=value` and `--key value`."""
+
+def _script_options() -> dict[str, bool]:
+    """Every spelling of the command's own flags -> whether it takes a value (booleans take one optionally)."""
+    options = {"-h": False, "--help": False}
+    for item in fields(ScriptArguments):
+        takes_value = not is_bool_field(ScriptArguments, item.name)
+        for spelling in {item.name, item.name.replace("_", "-")}:
+            options[f"--{spelling}"] = takes_value
+    return options
+
+
+def _is_override(token: str) -> bool:
+    """`section.key=value` / `key=value` naming a recipe key (not, say, the value `momentum=0.9`)."""
+    if "=" not in token or token.startswith("-"):
+        return False
+    try:
+        resolve_key(token.split("=", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, list[str | SpacedOverride]]:
+    """The command's flags (`ScriptArguments`, parsed by `HfArgumentParser`) and the recipe overrides, in
+    command-line order; both may come in any order.
+
+    Overrides: `section.key=value`, `key=value`, `--section.key=value`, `--key=value`, `--key value [value
+    ...]`, and every word after `--`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = script_parser()
-    takes_value = {
-        f"--{spelling}"
-        for item in fields(ScriptArguments)
-        if not is_bool_field(ScriptArguments, item.name)
-        for spelling in (item.name, item.name.replace("_", "-"))
-    }
+    options = _script_options()
     flags: list[str] = []
     overrides: list[str | SpacedOverride] = []
-    value_expected = False
-    for token in argv:
-        # `section.key=value` is an override unless it is the value of a flag (`--output_dir a=b`).
-        if not value_expected and "=" in token and not token.startswith("-"):
-            overrides.append(token)
-        else:
-            flags.append(token)
-        value_expected = token in takes_value
-    script_args, remaining = parser.parse_args_into_dataclasses(args=flags, return_remaining_strings=True)
     index = 0
-    while index < len(remaining):
-        token = remaining[index]
-        if not token.startswith("--") or token == "--":
-            raise UsageError(f"unrecognised argument {token!r} (see --help)")
+    while index < len(argv):
+        token = argv[index]
         index += 1
-        if "=" in token:
-            overrides.append(token[2:])
+        name = token.split("=", 1)[0]
+        if token == "--":
+            overrides.extend(argv[index:])
+            break
+        if name in options:
+            flags.append(token)
+            next_word = argv[index] if index < len(argv) else None
+            if "=" not in token and next_word is not None:
+                # A value-taking flag takes the next word; a boolean flag only an explicit true/false.
+                if options[name] or next_word.lower() in _BOOL_WORDS:
+                    flags.append(next_word)
+                    index += 1
             continue
-        values = []
-        while index < len(remaining) and not remaining[index].startswith("--"):
-            values.append(remaining[index])
-            index += 1
-        overrides.append(SpacedOverride(token, values))
+        if token.startswith("--"):
+            if "=" in token:
+                overrides.append(token[2:])
+                continue
+            words: list[str] = []
+            while index < len(argv) and not argv[index].startswith("--"):
+                if _is_override(argv[index]):
+                    break
+                words.append(argv[index])
+                index += 1
+            overrides.append(SpacedOverride(token, words))
+            continue
+        if "=" in token:
+            overrides.append(token)  # an unknown key is named by the override check (did you mean ...)
+            continue
+        raise UsageError(f"unrecognised argument {token!r} (see --help)")
+    (script_args,) = script_parser().parse_args_into_dataclasses(args=flags)
     return script_args, overrides
 
 
-def _override_text(recipe: dict[str, Any], override: SpacedOverride) -> str:
-    """`--key v [v ...]` as the `section.key=value` override it stands for."""
+def _apply_spaced_override(recipe: dict[str, Any], override: SpacedOverride) -> None:
+    """`--key v [v ...]` into the recipe, typed from the words as `HfArgumentParser` types them."""
     try:
         key = resolve_key(override.flag)
     except ValueError as error:  # names the closest recipe key, or the new name of a renamed one
         raise UsageError(f"unrecognised argument {override.flag!r}: {error} (see --help)") from None
     section, name = key.split(".", 1)
     owner = field_owner(recipe, section, name)
+    words = override.words
     if is_list_field(owner, name):
-        return f"{key}=[{', '.join(override.values)}]"
-    if not override.values and is_bool_field(owner, name):
-        return f"{key}=true"  # `--use_cpu`, as HfArgumentParser reads a bare boolean flag
-    if len(override.values) != 1:
-        raise UsageError(f"{override.flag}: expected one value, got {len(override.values)} (see --help)")
-    return f"{key}={override.values[0]}"
+        value: Any = None if words == ["null"] else list(words)
+    elif not words and is_bool_field(owner, name):
+        value = True  # `--use_cpu`: a bare boolean flag, as HfArgumentParser reads it
+    elif len(words) != 1:
+        raise UsageError(f"{override.flag}: expected one value, got {len(words)} (see --help)")
+    else:
+        value = None if words[0] == "null" else words[0]
+    set_recipe_value(recipe, key, value)
 
 
 def recipe_from_args(args: ScriptArguments, overrides: list[str | SpacedOverride]) -> dict[str, Any]:
-    """The recipe `--recipe` names, with the overrides and the flags that set recipe keys applied."""
+    """The recipe `--recipe` names, with the overrides (in command-line order) and the flags that set recipe
+    keys applied."""
     recipe = load_recipe(args.recipe)
-    texts = [item if isinstance(item, str) else _override_text(recipe, item) for item in overrides]
-    recipe = apply_overrides(recipe, [text.removeprefix("--") for text in texts])
+    for item in overrides:
+        if isinstance(item, SpacedOverride):
+            _apply_spaced_override(recipe, item)
+        else:
+            recipe = apply_overrides(recipe, [item.removeprefix("--")])
     if args.no_pgp:
         recipe["adapter"]["use_pgp"] = False
-    if args.push_to_hub:
-        recipe["hub"]["push_to_hub"] = True
+    if args.push_to_hub is not None:  # `--push_to_hub false` turns a recipe's push off
+        recipe["hub"]["push_to_hub"] = args.push_to_hub
     if args.hub_model_id:
         recipe["hub"]["hub_model_id"] = args.hub_model_id
-    if args.hub_private:
-        recipe["hub"]["private"] = True
+    if args.hub_private is not None:
+        recipe["hub"]["private"] = args.hub_private
     if args.hub_strategy:
         recipe["hub"]["strategy"] = args.hub_strategy
     return recipe
@@ -445,6 +490,12 @@ def main(argv: list[str] | None = None) -> int:
         print(_error_line(error), file=sys.stderr)
         return 2
     if args.list:
+        if recipes_dir() is None:
+            print(
+                f"error: --list needs the recipe folder: run recipes/train_cl.py, or set {RECIPES_DIR_ENV}",
+                file=sys.stderr,
+            )
+            return 2
         for name in available_recipes():
             print(name)
         return 0

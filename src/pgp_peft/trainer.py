@@ -15,6 +15,7 @@ task t exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -94,7 +95,14 @@ FINGERPRINT_ARGUMENTS = (
     "max_grad_norm",
     "bf16",
     "fp16",
+    "data_seed",
+    "full_determinism",
+    "lr_scheduler_kwargs",
+    "label_smoothing_factor",
 )
+# A recipe's training section names TrainingArguments fields and a few PGP keys. The fingerprint holds the
+# former as the resolved arguments above (so spelling out a default is no difference), the latter as given.
+_TRAINING_ARGUMENT_NAMES = frozenset(field.name for field in dataclasses.fields(TrainingArguments))
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -542,8 +550,12 @@ class ContinualTrainer(Trainer):
 
     def run_fingerprint(self) -> dict[str, Any]:
         """What defines this run (see `run_folder.run_fingerprint`): a resume must match it exactly."""
+        recipe = self.recipe
+        if recipe is not None and isinstance(recipe.get("training"), dict):
+            pgp_keys = {k: v for k, v in recipe["training"].items() if k not in _TRAINING_ARGUMENT_NAMES}
+            recipe = {**recipe, "training": pgp_keys}
         return run_fingerprint(
-            recipe=self.recipe,
+            recipe=recipe,
             adapter_config=self.model.config.to_dict(),
             training={**self._run_arguments, "first_task": self.first_task_args, "online": self.online},
             manifest=self.splits.to_manifest(),
