@@ -29,11 +29,13 @@ def expected() -> dict[str, torch.Tensor]:
     return load_file(str(FIXTURES / "expected_logits.safetensors"))
 
 
-def load_adapter(name: str, tmp_path: Path) -> PGPModel:
+def load_adapter(name: str, tmp_path: Path, folder: Path | None = None) -> PGPModel:
+    """The 0.1.0 fixture `name` (or an adapter of that kind saved in `folder`) on its tiny backbone."""
+    folder = folder or FIXTURES / name
     if name == "clip":
         clip, tokenizer = make_adapters.tiny_clip(tmp_path)
-        return PGPModel.from_pretrained(FIXTURES / name, base_model=clip, tokenizer=tokenizer)
-    return PGPModel.from_pretrained(FIXTURES / name, base_model=make_adapters.tiny_vit())
+        return PGPModel.from_pretrained(folder, base_model=clip, tokenizer=tokenizer)
+    return PGPModel.from_pretrained(folder, base_model=make_adapters.tiny_vit())
 
 
 @pytest.mark.parametrize("name", ADAPTERS)
@@ -49,10 +51,22 @@ def test_v0_1_0_adapter_gives_the_recorded_logits(name, expected, tmp_path):
 
 @pytest.mark.parametrize("name", ADAPTERS)
 def test_v0_1_0_adapter_saves_back_with_the_same_tensor_names(name, tmp_path):
-    """Saved tensor names are the adapter format: a reloaded 0.1.0 adapter writes the same names and values."""
+    """Saved tensor names are the adapter format: a reloaded 0.1.0 adapter writes the same names and values,
+    except that a memory basis is now written as its r kept columns (D, r) instead of 0.1.0's zero-padded
+    (D, D); it loads back to the same model."""
     model = load_adapter(name, tmp_path / "tokenizer")
     model.save_pretrained(tmp_path / "resaved")
     original = load_file(str(FIXTURES / name / "model.safetensors"))
     resaved = load_file(str(tmp_path / "resaved" / "model.safetensors"))
     assert sorted(resaved) == sorted(original)
-    assert all(torch.equal(resaved[key], original[key]) for key in original)
+    for key in original:
+        if key.startswith("memory.basis__"):
+            rank = int(original[key.replace("basis__", "rank__")])
+            assert resaved[key].shape == (original[key].shape[0], rank)
+            assert torch.equal(resaved[key], original[key][:, :rank])
+            assert not original[key][:, rank:].any()  # 0.1.0's padding held nothing
+        else:
+            assert torch.equal(resaved[key], original[key]), key
+    reloaded = load_adapter(name, tmp_path / "tokenizer2", folder=tmp_path / "resaved")
+    for name_, buffer in model.memory.state_dict().items():
+        assert torch.equal(reloaded.memory.state_dict()[name_], buffer), name_

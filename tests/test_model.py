@@ -343,6 +343,10 @@ def test_save_load_round_trip_is_bitwise(tiny_vit, pixel_values, tmp_path, build
         keys = set(handle.keys())
     assert keys and not any(key.startswith("backbone.") for key in keys)
     assert keys == set(model.adapter_state_dict())
+    with safe_open(str(target / "model.safetensors"), framework="pt") as handle:
+        for name, rank in model.memory.ranks().items():  # bases as their kept columns, no zero padding
+            key = "memory.basis__" + name.replace(".", "_")
+            assert handle.get_slice(key).get_shape() == [model.memory.dim(name), rank]
     backbone_bytes = sum(p.numel() * p.element_size() for p in model.backbone.parameters())
     assert os.path.getsize(target / "model.safetensors") < 0.25 * backbone_bytes
 
@@ -351,6 +355,8 @@ def test_save_load_round_trip_is_bitwise(tiny_vit, pixel_values, tmp_path, build
     assert loaded.config == model.config
     assert torch.equal(loaded.class_task, model.class_task)
     assert loaded.memory.ranks() == model.memory.ranks()
+    for name, buffer in model.memory.state_dict().items():
+        assert torch.equal(loaded.memory.state_dict()[name], buffer), name
     with torch.no_grad():
         got = loaded(pixel_values)
     assert torch.equal(got.logits, expected.logits)

@@ -707,6 +707,30 @@ def test_memory_state_dict_round_trip_and_stable_shapes():
     assert torch.all(state["basis__l2p_prompt"][:, r:] == 0)
 
 
+def test_memory_saves_each_basis_as_its_kept_columns():
+    """An adapter file holds a (D, r) basis per space; the zero-padded (D, D) of older files loads too;
+    a mis-shaped basis is refused naming it, before any space is written."""
+    spaces = {"l2p.prompt": 16, "l2p.key": 16, "prefix.0.head_0": 8}
+    memory = NullSpaceMemory(spaces)
+    memory.update_feature("l2p.prompt", _gram(_rows(200, 16, seed=26)), 0.9)
+    memory.update_feature("prefix.0.head_0", _gram(_rows(200, 8, seed=27)), 0.7)
+    saved = memory.saved_state()
+    ranks = memory.ranks()
+    assert saved["basis__l2p_prompt"].shape == (16, ranks["l2p.prompt"]) and 0 < ranks["l2p.prompt"] < 16
+    assert saved["basis__l2p_key"].shape == (16, 0)  # never updated: nothing to store
+    for state in (saved, memory.state_dict()):  # compact, and the padded form of pgp_peft 0.1/0.2 files
+        fresh = NullSpaceMemory(spaces)
+        fresh.load_saved_state({k: v.clone() for k, v in state.items()})
+        assert fresh.ranks() == ranks
+        for name, buffer in memory.state_dict().items():
+            assert torch.equal(fresh.state_dict()[name], buffer), name
+    damaged = dict(saved, basis__prefix_0_head_0=torch.zeros(8, 5))  # rank says otherwise
+    fresh = NullSpaceMemory(spaces)
+    with pytest.raises(ValueError, match=r"memory.basis__prefix_0_head_0' has shape \(8, 5\)"):
+        fresh.load_saved_state(damaged, "adapter.safetensors")
+    assert fresh.is_empty()  # the valid first space was not written either
+
+
 def test_memory_update_feature_matches_function_and_is_idempotent():
     memory = NullSpaceMemory({"x": 12})
     gram = _gram(_rows(100, 12, seed=29))

@@ -331,7 +331,10 @@ class PGPModel(nn.Module):
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Detached contiguous copies of `adapter_tensors()` (what model.safetensors holds)."""
-        return {name: tensor.detach().contiguous().clone() for name, tensor in self.adapter_tensors().items()}
+        tensors = self.adapter_tensors()
+        # The memory's bases are saved as their (D, r) kept columns, not the zero-padded (D, D) buffers.
+        tensors.update({f"memory.{name}": tensor for name, tensor in self.memory.saved_state().items()})
+        return {name: tensor.detach().contiguous().clone() for name, tensor in tensors.items()}
 
     @torch.no_grad()
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
@@ -341,7 +344,10 @@ class PGPModel(nn.Module):
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
             raise ValueError(f"{source}: missing adapter tensors {missing}, unexpected {unexpected}")
+        memory_prefix = "memory."
         for name, tensor in state.items():
+            if name.startswith(memory_prefix + "basis__"):
+                continue  # (D, r): checked against the stored rank by the memory
             if tuple(tensor.shape) != tuple(expected[name].shape):
                 raise ValueError(
                     f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} but this backbone needs "
@@ -358,18 +364,15 @@ class PGPModel(nn.Module):
                 f"{source}: non-finite values (NaN or inf) in tensor(s) {non_finite}; the file is damaged or "
                 "comes from a diverged run: load an earlier checkpoint"
             )
-        memory_prefix = "memory."
+        memory_state = {
+            name[len(memory_prefix) :]: tensor
+            for name, tensor in state.items()
+            if name.startswith(memory_prefix)
+        }
+        self.memory.load_saved_state(memory_state, source)  # checked before anything is written
         for name, tensor in state.items():
             if not name.startswith(memory_prefix):
                 expected[name].copy_(tensor)
-        # The memory loads through its own state dict (it keeps per-buffer caches).
-        self.memory.load_state_dict(
-            {
-                name[len(memory_prefix) :]: tensor
-                for name, tensor in state.items()
-                if name.startswith(memory_prefix)
-            }
-        )
 
     def backbone_signature(self) -> dict[str, int]:
         return {
