@@ -83,17 +83,20 @@ def test_learning_rate_rule_and_cpu_defaults(tmp_path):
     assert args.report_to == []
     direct = ContinualTrainingArguments(output_dir=str(tmp_path), base_lr=None, learning_rate=0.1)
     assert direct.learning_rate == 0.1
-    # base_lr decides (a recipe setting both is refused before this): a copy with another batch size
-    # gets its own rate, and a copy of the first task's arguments (lr set by the trainer) is possible.
-    both = ContinualTrainingArguments(output_dir=str(tmp_path), learning_rate=0.1)
+    # base_lr decides, with a warning (a recipe setting both is refused before this): a copy with another
+    # batch size gets its own rate, and a copy of the first task's arguments (lr set by the trainer) works.
+    both = ContinualTrainingArguments(output_dir=str(tmp_path), base_lr=0.03, learning_rate=0.1)
     assert both.learning_rate == pytest.approx(0.03 * 16 / 256)
     assert dataclasses.replace(args, per_device_train_batch_size=48).learning_rate == pytest.approx(
         0.005 * 48 / 256
     )
     args.learning_rate = 1e-4  # what ContinualTrainer does for the first task's rate
     dataclasses.replace(args)
-    with pytest.raises(ValueError, match="one of them must be set"):
-        ContinualTrainingArguments(output_dir=str(tmp_path), base_lr=None)
+    assert ContinualTrainingArguments(output_dir=str(tmp_path)).learning_rate == pytest.approx(
+        0.03 * 16 / 256
+    )
+    # the transformers way: only learning_rate
+    assert ContinualTrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3).learning_rate == 1e-3
     cpu = ContinualTrainingArguments(output_dir=str(tmp_path), use_cpu=True)
     assert cpu.bf16 is False and cpu.dataloader_pin_memory is False
 

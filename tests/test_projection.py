@@ -729,6 +729,9 @@ def test_memory_saves_each_basis_as_its_kept_columns():
     with pytest.raises(ValueError, match=r"memory.basis__prefix_0_head_0' has shape \(8, 5\)"):
         fresh.load_saved_state(damaged, "adapter.safetensors")
     assert fresh.is_empty()  # the valid first space was not written either
+    with pytest.raises(ValueError, match="must be an integer scalar"):
+        fresh.load_saved_state(dict(saved, updated__l2p_key=torch.zeros(2, dtype=torch.bool)))
+    assert fresh.is_empty()
 
 
 def test_memory_update_feature_matches_function_and_is_idempotent():

@@ -184,7 +184,9 @@ def test_loader_errors_name_the_file_and_field(tmp_path, monkeypatch):
 def test_non_finite_adapter_tensors_are_refused_by_name(tmp_path):
     adapter = save_adapter(tmp_path / "adapter", tmp_path / "unused")
     state = load_file(str(adapter / "model.safetensors"))
-    name = next(key for key in state if "prompt" in key and state[key].is_floating_point())
+    name = next(
+        key for key in state if "prompt" in key and state[key].is_floating_point() and state[key].numel()
+    )
     state[name] = state[name].clone()
     state[name].view(-1)[0] = float("nan")
     save_file(state, str(adapter / "model.safetensors"), metadata={"format": "pt"})
@@ -298,6 +300,28 @@ def test_fingerprint_names_the_differing_settings():
         "seed: 42 -> 7",
     ]
     assert not any("token" in key for key in saved)  # the hub section (and its token) is never stored
+
+
+def test_training_arguments_fingerprint_holds_what_changes_the_numbers(tmp_path):
+    """Resolved TrainingArguments: a spelled-out default is no difference, any field that changes the numbers
+    is (also one not in FINGERPRINT_ARGUMENTS), and where the run logs or how fast data loads is not."""
+    from pgp_peft.arguments import ContinualTrainingArguments as Args
+    from pgp_peft.run_folder import training_arguments_fingerprint as fingerprint
+
+    base = fingerprint(Args(output_dir=str(tmp_path / "a")))
+    assert (
+        fingerprint(Args(output_dir=str(tmp_path / "b"), weight_decay=0.0, seed=42, optim="adamw_torch"))
+        == base
+    )
+    ignored = Args(output_dir=str(tmp_path / "c"), logging_steps=3, dataloader_num_workers=2, run_name="x")
+    assert fingerprint(ignored) == base
+    changed = fingerprint(
+        Args(output_dir=str(tmp_path / "d"), dataloader_drop_last=True, train_sampling_strategy="sequential")
+    )
+    assert {key for key in changed if changed[key] != base.get(key)} == {
+        "dataloader_drop_last",
+        "train_sampling_strategy",
+    }
 
 
 def test_resume_refuses_another_run_and_overwrite_replaces_it(

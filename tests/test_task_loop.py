@@ -43,7 +43,7 @@ class TaskEvents(ContinualCallback):
         self.log.append(("task_end", task_id, written, len(results["memory_ranks"])))
         assert np.isfinite(result.accuracy.values[task_id, task_id])
         self.memory_at_task_end[task_id] = {
-            k: v.clone() for k, v in trainer.model.memory.state_dict().items()
+            k: v.clone() for k, v in trainer.model.memory.saved_state().items()
         }
 
 
@@ -83,7 +83,7 @@ def _memory_from(adapter: dict[str, torch.Tensor], trainer: ContinualTrainer, ta
     for task in range(task_id + 1):
         model.register_task_classes(task, trainer.splits.task_classes[task])
     update_memory(model, trainer._memory_batches(task_id), task_id)
-    return model.memory.state_dict()
+    return model.memory.saved_state()
 
 
 def test_reference_l2p_collects_at_the_task_start_and_uses_it_from_the_next_task(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from enum import Enum
 from typing import Any, Literal, Union
 
 from transformers import HfArgumentParser, TrainingArguments
+
+logger = logging.getLogger(__name__)
 
 DEMO_DATASET = "pgp_peft:fashion_mnist_demo"
 # lr = base_lr * per_device_train_batch_size / 256: the learning-rate rule of the authors' code (L2P,
@@ -149,8 +152,8 @@ class ContinualTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the defaults of the paper's protocol, and the PGP-specific keys.
 
     The learning rate follows the authors' rule `learning_rate = base_lr * per_device_train_batch_size / 256`
-    unless `base_lr` is null, in which case `learning_rate` is used as given (a recipe setting both is
-    refused; here `base_lr` decides). `bf16` left unset (None)
+    when `base_lr` is set (the default 0.03 when neither is given); with only `learning_rate` it is used as
+    given. Both given: `base_lr` decides with a warning (a recipe setting both is refused). `bf16` left unset (None)
     means bf16 autocast on a CUDA device that supports it and fp32 otherwise; the adapter's parameters, its
     gradients and the projection stay float32 either way.
     """
@@ -187,9 +190,10 @@ class ContinualTrainingArguments(TrainingArguments):
 
     # --- PGP-specific keys
     base_lr: float | None = field(
-        default=DEFAULT_BASE_LR,
+        default=None,
         metadata={
-            "help": "learning_rate = base_lr * per_device_train_batch_size / 256 (null: use learning_rate)"
+            "help": "learning_rate = base_lr * per_device_train_batch_size / 256 (default 0.03 when "
+            "learning_rate is not given either)"
         },
     )
     first_task_base_lr: float | None = field(
@@ -220,11 +224,19 @@ class ContinualTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         self.report_to = report_to_names(self.report_to)
+        if self.base_lr is None and self.learning_rate is None:
+            self.base_lr = DEFAULT_BASE_LR
         if self.base_lr is not None:
-            # base_lr decides: a copy with another batch size (dataclasses.replace) gets its own rate.
-            self.learning_rate = self.base_lr * self.per_device_train_batch_size / LR_REFERENCE_BATCH
-        elif self.learning_rate is None:
-            raise ValueError("training.base_lr or training.learning_rate: one of them must be set")
+            derived = self.base_lr * self.per_device_train_batch_size / LR_REFERENCE_BATCH
+            # base_lr decides, so a copy with another batch size (dataclasses.replace) gets its own rate.
+            if self.learning_rate is not None and self.learning_rate != derived:
+                logger.warning(
+                    "learning_rate=%g is replaced by base_lr * per_device_train_batch_size / 256 = %g; set "
+                    "base_lr=None to give learning_rate directly",
+                    self.learning_rate,
+                    derived,
+                )
+            self.learning_rate = derived
         if self.bf16 is None:
             self.bf16 = default_bf16(self.use_cpu)
         if self.dataloader_pin_memory is None:
@@ -306,7 +318,8 @@ def training_recipe_defaults() -> dict[str, Any]:
     """The defaults a recipe's training section starts from: the fields `ContinualTrainingArguments`
     declares itself (every other `TrainingArguments` field may be given and keeps its own default)."""
     own = set(ContinualTrainingArguments.__annotations__) - set(CONTROLLED_TRAINING_FIELDS)
-    return {f.name: f.default for f in dataclasses.fields(ContinualTrainingArguments) if f.name in own}
+    defaults = {f.name: f.default for f in dataclasses.fields(ContinualTrainingArguments) if f.name in own}
+    return {**defaults, "base_lr": DEFAULT_BASE_LR}  # a recipe states base_lr (null: learning_rate instead)
 
 
 def dataclass_defaults(cls: type) -> dict[str, Any]:

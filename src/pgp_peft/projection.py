@@ -576,7 +576,7 @@ class NullSpaceMemory(nn.Module):
     @torch.no_grad()
     def load_saved_state(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Load `saved_state()`: a (D, r) basis per space, r its stored rank. The zero-padded (D, D) bases
-        that pgp_peft 0.1 and 0.2 wrote load too. Raises `ValueError` naming the tensor otherwise."""
+        that pgp_peft 0.1 wrote load too. Raises `ValueError` naming the tensor otherwise."""
         expected = set(self.state_dict())
         if set(state) != expected:
             raise ValueError(
@@ -584,7 +584,19 @@ class NullSpaceMemory(nn.Module):
             )
         bases: dict[str, torch.Tensor] = {}
         for name, key in self._keys.items():  # every space checked before any is written
-            basis, rank = state[f"basis__{key}"], int(state[f"rank__{key}"])
+            stored_rank, updated = state[f"rank__{key}"], state[f"updated__{key}"]
+            if (
+                stored_rank.ndim
+                or stored_rank.is_floating_point()
+                or updated.ndim
+                or updated.dtype != torch.bool
+            ):
+                raise ValueError(
+                    f"{source}: 'memory.rank__{key}' must be an integer scalar and 'memory.updated__{key}' a "
+                    f"bool scalar, got {stored_rank.dtype} {tuple(stored_rank.shape)} and {updated.dtype} "
+                    f"{tuple(updated.shape)}"
+                )
+            basis, rank = state[f"basis__{key}"], int(stored_rank)
             dim = self._dims[name]
             if (
                 not 0 <= rank <= dim

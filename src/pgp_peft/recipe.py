@@ -282,6 +282,8 @@ def validate_recipe(recipe: dict[str, Any]) -> None:
     _positive_number(training, "training", "first_task_base_lr", optional=True)
     for name in ("weight_decay", "max_grad_norm", "first_task_weight_decay"):
         _non_negative_number(training, "training", name)
+    if training.get("base_lr") is None and training.get("learning_rate") is None:
+        raise ValueError("training.base_lr or training.learning_rate: one of them must be set")
     if training.get("base_lr") is not None and training.get("learning_rate") is not None:
         raise ValueError(
             "training.learning_rate and training.base_lr are both set; learning_rate is derived from base_lr "

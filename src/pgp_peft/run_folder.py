@@ -18,6 +18,7 @@ stores it in every checkpoint and `fingerprint_differences` names what changed o
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -25,8 +26,11 @@ import os
 import re
 import shutil
 import socket
+from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from transformers import TrainingArguments
 
 from . import __version__
 from .fileio import STAGING_PREFIX
@@ -260,6 +264,102 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
 
 def _ignored(key: str) -> bool:
     return any(key == f"recipe.{name}" or key.startswith(f"recipe.{name}.") for name in FINGERPRINT_IGNORED)
+
+
+# TrainingArguments fields that define the optimisation of a run: always in the fingerprint (resolved).
+FINGERPRINT_ARGUMENTS = (
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "optim",
+    "optim_args",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "max_grad_norm",
+    "bf16",
+    "fp16",
+)
+# TrainingArguments fields that cannot change a run's numbers (where it writes and logs, how fast data
+# loads, pushes) or that the continual trainer owns: never in the fingerprint. Every other field is in it
+# when its resolved value differs from its default (so a spelled-out default, or a field a newer
+# transformers adds, is no difference).
+FINGERPRINT_IGNORED_ARGUMENTS = frozenset(
+    {
+        "output_dir",
+        "overwrite_output_dir",
+        "resume_from_checkpoint",
+        "run_name",
+        "project",
+        "report_to",
+        "disable_tqdm",
+        "debug",
+        "skip_memory_metrics",
+        "local_rank",
+        "use_cpu",
+        "ddp_timeout",
+        "torch_empty_cache_steps",
+        "dataloader_num_workers",
+        "dataloader_pin_memory",
+        "dataloader_persistent_workers",
+        "dataloader_prefetch_factor",
+        "dataloader_multiprocessing_context",
+        "push_to_hub",
+        "remove_unused_columns",
+        "label_names",
+        "load_best_model_at_end",
+        "metric_for_best_model",
+        "greater_is_better",
+        "prediction_loss_only",
+        "include_for_metrics",
+        "batch_eval_metrics",
+        "include_num_input_tokens_seen",
+        "restore_callback_states_from_checkpoint",
+        "enable_jit_checkpoint",
+        "do_train",
+        "do_eval",
+        "do_predict",
+    }
+)
+_IGNORED_ARGUMENT_PREFIXES = ("logging_", "log_", "hub_", "save_", "eval_", "trackio_")
+TRAINING_ARGUMENT_NAMES = frozenset(item.name for item in dataclasses.fields(TrainingArguments))
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, Enum):
+        value = value.value
+    elif hasattr(value, "to_dict"):  # AcceleratorConfig
+        value = value.to_dict()
+    return json.loads(json.dumps(value, default=str))
+
+
+def training_arguments_fingerprint(args: TrainingArguments) -> dict[str, Any]:
+    """The `TrainingArguments` part of the fingerprint: `FINGERPRINT_ARGUMENTS` always, every other field
+    whose resolved value differs from its default, none of `FINGERPRINT_IGNORED_ARGUMENTS` (JSON values)."""
+    defaults = {item.name: item for item in dataclasses.fields(type(args)) if item.init}
+    out = {name: _json_value(getattr(args, name, None)) for name in FINGERPRINT_ARGUMENTS}
+    for name in sorted(TRAINING_ARGUMENT_NAMES & set(defaults)):
+        if (
+            name in out
+            or name in FINGERPRINT_IGNORED_ARGUMENTS
+            or name.startswith(_IGNORED_ARGUMENT_PREFIXES)
+        ):
+            continue
+        item = defaults[name]
+        if item.default_factory is not dataclasses.MISSING:
+            default = item.default_factory()
+        else:
+            default = None if item.default is dataclasses.MISSING else item.default
+        value = _json_value(getattr(args, name, None))
+        if value != _json_value(default):
+            out[name] = value
+    return out
 
 
 def run_fingerprint(

@@ -352,7 +352,8 @@ def script_parser() -> HfArgumentParser:
         description="Continual learning with Prompt Gradient Projection (L2P / DualPrompt / CLIP / LoRA).",
         epilog="Recipe overrides, in any order among the flags: section.key=value (training.num_train_epochs=1), "
         "a unique bare key=value (pool_size=20), --key=value or --key value (--num_train_epochs 1). "
-        "TrainingArguments' own `debug` is set as training.debug=... (--debug is this command's).",
+        "The command's flags apply after the overrides. TrainingArguments' own `debug` is set as "
+        "training.debug=... (--debug is this command's).",
     )
 
 
@@ -378,6 +379,19 @@ def _is_override(token: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _flag_kind(flag: str) -> str:
+    """ "list", "bool" or "scalar" for a recipe-key flag (`--e_prompt_layers`); "scalar" if it names none
+    (the override check then names the closest key)."""
+    try:
+        section, name = resolve_key(flag).split(".", 1)
+    except ValueError:
+        return "scalar"
+    owner = field_owner({"adapter": {}}, section, name)
+    if is_list_field(owner, name):
+        return "list"
+    return "bool" if is_bool_field(owner, name) else "scalar"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, list[str | SpacedOverride]]:
@@ -411,12 +425,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, list[str
             if "=" in token:
                 overrides.append(token[2:])
                 continue
+            kind = _flag_kind(token)
             words: list[str] = []
-            while index < len(argv) and not argv[index].startswith("--"):
-                if _is_override(argv[index]):
+            while index < len(argv) and not argv[index].startswith("--") and argv[index] not in options:
+                word = argv[index]
+                # A list takes words up to the next flag or override; a scalar takes one word, a boolean
+                # only an explicit true/false (`--use_cpu` alone is true).
+                if kind == "list" and _is_override(word):
                     break
-                words.append(argv[index])
+                if kind == "bool" and word.lower() not in _BOOL_WORDS:
+                    break
+                words.append(word)
                 index += 1
+                if kind != "list":
+                    break
             overrides.append(SpacedOverride(token, words))
             continue
         if "=" in token:

@@ -15,7 +15,6 @@ task t exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import time
@@ -63,7 +62,7 @@ from .metrics import (
 )
 from .model import PGPModel
 from .query_cache import QueryCache
-from .run_folder import run_fingerprint
+from .run_folder import TRAINING_ARGUMENT_NAMES, run_fingerprint, training_arguments_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -76,33 +75,6 @@ __all__ = [
     "ProjectionCallback",
     "TrainingDivergedError",
 ]
-# TrainingArguments fields that define the optimisation of a run (part of the resume fingerprint).
-FINGERPRINT_ARGUMENTS = (
-    "learning_rate",
-    "num_train_epochs",
-    "max_steps",
-    "per_device_train_batch_size",
-    "per_device_eval_batch_size",
-    "gradient_accumulation_steps",
-    "optim",
-    "optim_args",
-    "weight_decay",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_epsilon",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "max_grad_norm",
-    "bf16",
-    "fp16",
-    "data_seed",
-    "full_determinism",
-    "lr_scheduler_kwargs",
-    "label_smoothing_factor",
-)
-# A recipe's training section names TrainingArguments fields and a few PGP keys. The fingerprint holds the
-# former as the resolved arguments above (so spelling out a default is no difference), the latter as given.
-_TRAINING_ARGUMENT_NAMES = frozenset(field.name for field in dataclasses.fields(TrainingArguments))
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -282,7 +254,7 @@ class ContinualTrainer(Trainer):
         self.add_callback(self.projection_callback)
         self._later_task_args = {key: getattr(args, key) for key in self.first_task_args}
         # Taken now: the per-task configuration changes these fields while the run goes on.
-        self._run_arguments = {key: getattr(args, key, None) for key in FINGERPRINT_ARGUMENTS}
+        self._run_arguments = training_arguments_fingerprint(args)
         # Loaded now (cached per process): `evaluate` writes its modules cache, which must not first fail
         # after a task of training (e.g. a read-only home).
         load_continual_learning_metric()
@@ -552,7 +524,8 @@ class ContinualTrainer(Trainer):
         """What defines this run (see `run_folder.run_fingerprint`): a resume must match it exactly."""
         recipe = self.recipe
         if recipe is not None and isinstance(recipe.get("training"), dict):
-            pgp_keys = {k: v for k, v in recipe["training"].items() if k not in _TRAINING_ARGUMENT_NAMES}
+            # TrainingArguments' own keys are fingerprinted resolved (`_run_arguments`); the PGP keys as given.
+            pgp_keys = {k: v for k, v in recipe["training"].items() if k not in TRAINING_ARGUMENT_NAMES}
             recipe = {**recipe, "training": pgp_keys}
         return run_fingerprint(
             recipe=recipe,
