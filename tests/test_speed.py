@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import pickle
 import sys
 from pathlib import Path
@@ -14,8 +15,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 
 import tiny_cl  # noqa: E402
+from tiny_assets import tiny_png  # noqa: E402
 
 from pgp_peft import data as data_module  # noqa: E402
+from pgp_peft import trainer as pgp_trainer  # noqa: E402
+from pgp_peft.callbacks import ContinualCallback  # noqa: E402
 from pgp_peft.data import (  # noqa: E402
     DecodedImageCache,
     RowIdTransform,
@@ -54,8 +58,9 @@ def test_query_cache_serves_stored_rows_and_computes_missing_batches():
     assert calls == [4] and torch.equal(again, first[[3, 2]])
     assert cache.lookup("test", [0, 1]) is None  # row 1 never stored
     assert cache.lookup("train", [0]) is None  # namespaces are separate
-    cache.get_or_compute("test", [0, 1], pixels[:2], compute)  # a partial hit computes the whole batch
-    assert calls == [4, 2] and (cache.hits, cache.misses) == (2, 6)
+    mixed = cache.get_or_compute("test", [1, 0, 3], pixels[:3], compute)  # a partial hit: new rows only
+    assert calls == [4, 2] and (cache.hits, cache.misses) == (3, 6)
+    assert torch.equal(mixed, torch.stack([pixels[0, :3] * 2, first[3], pixels[2, :3] * 2]))
     cache.store("test", [40], torch.ones(1, 3))  # grows past the first capacity
     assert torch.equal(cache.lookup("test", [40, 7]), torch.tensor([[1.0, 1, 1], [0, 2, 4]]))
     assert cache.nbytes == 41 * 3 * 4
@@ -261,3 +266,71 @@ def test_recipe_speed_defaults():
         "decode_cache": True,
         "compile_backbone": False,
     }
+
+
+# ---------------------------------------------------------------------------------- evaluation
+def _untrained_trainer(method: str, tmp_path, num_tasks: int = 3, **options):
+    """A trainer over `num_tasks` registered tasks (random adapter, no training): evaluation only."""
+    splits = tiny_cl.make_splits(num_tasks=num_tasks)
+    model = tiny_cl.make_model(method, num_classes=2 * num_tasks, **options.pop("config", {}))
+    for task_id, classes in enumerate(splits.task_classes):
+        model.register_task_classes(task_id, classes)
+    transform = build_transform(tiny_cl.IMAGE_SIZE)
+    args = tiny_cl.training_args(str(tmp_path), per_device_eval_batch_size=7)  # batches span tasks
+    return ContinualTrainer(
+        model, args, splits=splits, train_transform=transform, eval_transform=transform, **options
+    )
+
+
+@pytest.mark.parametrize("method", ["l2p", "dualprompt"])
+@pytest.mark.parametrize("options", [OFF, {}], ids=["no_caches", "caches"])
+def test_one_pass_evaluation_gives_the_per_task_accuracies(method, options, tmp_path):
+    trainer = _untrained_trainer(method, tmp_path, **options)
+    per_task = [trainer.evaluate_task(task_id) for task_id in range(3)]
+    assert trainer.evaluate_seen_tasks(2) == per_task
+    assert trainer.evaluate_seen_tasks(0) == per_task[:1]
+    # a random adapter: class-IL over 6 classes and task-IL over 2 differ somewhere
+    assert any(cil != til for cil, til in per_task)
+
+
+def test_one_pass_evaluation_falls_back_to_per_task_with_batchwise_prompts(tmp_path, monkeypatch):
+    trainer = _untrained_trainer("l2p", tmp_path, config={"batchwise_prompt": True})
+    evaluated = []
+    original = trainer.evaluate_task
+    monkeypatch.setattr(trainer, "evaluate_task", lambda t: evaluated.append(t) or original(t))
+    trainer.evaluate_seen_tasks(1)
+    assert evaluated == [0, 1]  # the majority vote must only see one task's rows per batch
+
+
+# ---------------------------------------------------------------------------------- run bookkeeping
+class _Recorder(ContinualCallback):
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self.freeze_counts: list[int] = []
+        self.plots: list[bool] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.freeze_counts.append(gc.get_freeze_count())
+
+    def on_task_end(self, args, state, control, *, trainer, task_id, result, **kwargs):
+        self.plots.append((self.output_dir / "accuracy_matrix.png").is_file())
+
+
+def test_training_freezes_older_objects_for_the_gc_and_plots_render_once(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(
+        pgp_trainer, "plot_accuracy_matrix", lambda m, p: drawn.append(len(m)) or tiny_png(m, p)
+    )
+    monkeypatch.setattr(pgp_trainer, "plot_accuracy_curves", tiny_png)
+    splits = tiny_cl.make_splits(num_tasks=2)
+    alone = tiny_cl.make_trainer(tiny_cl.make_model("l2p", num_classes=4), splits, str(tmp_path / "a"))
+    alone.train_continual()
+    assert drawn == [2]  # nothing reads them per task: drawn once, after the last task
+    assert gc.get_freeze_count() == 0  # unfrozen after every task
+    recorder = _Recorder(tmp_path / "b")
+    watched = tiny_cl.make_trainer(
+        tiny_cl.make_model("l2p", num_classes=4), splits, str(tmp_path / "b"), callbacks=[recorder]
+    )
+    watched.train_continual()
+    assert recorder.plots == [True, True] and drawn == [2, 2, 2]  # a task-end callback may publish them
+    assert len(recorder.freeze_counts) == 2 and min(recorder.freeze_counts) > 0 and gc.get_freeze_count() == 0

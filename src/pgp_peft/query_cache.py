@@ -92,12 +92,26 @@ class QueryCache:
         pixel_values: torch.Tensor,
         compute: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """The stored queries of `row_ids`, or `compute(pixel_values)` (B, D) for the whole batch, stored."""
+        """(B, D) queries of `row_ids`: stored rows from the cache, the others by `compute` on their
+        pixels only (then stored). A batch that mixes stored and new rows (an evaluation batch spanning
+        two tasks' test sets) computes just the new ones."""
         stored = self.lookup(namespace, row_ids)
         if stored is not None:
             self.hits += len(row_ids)
             return stored.to(pixel_values.device)
-        queries = compute(pixel_values)
-        self.misses += len(row_ids)
-        self.store(namespace, row_ids, queries)
+        filled = self._filled.get(namespace)
+        is_new = [filled is None or row >= filled.size or not filled[row] for row in row_ids]
+        new = [k for k, flag in enumerate(is_new) if flag]
+        self.hits += len(row_ids) - len(new)
+        self.misses += len(new)
+        if len(new) == len(row_ids):
+            queries = compute(pixel_values)
+            self.store(namespace, row_ids, queries)
+            return queries
+        old = [k for k, flag in enumerate(is_new) if not flag]
+        computed = compute(pixel_values[new])
+        self.store(namespace, [row_ids[k] for k in new], computed)
+        queries = computed.new_empty(len(row_ids), *computed.shape[1:])
+        queries[new] = computed
+        queries[old] = self.lookup(namespace, [row_ids[k] for k in old]).to(computed.device, computed.dtype)
         return queries

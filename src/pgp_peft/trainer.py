@@ -15,6 +15,7 @@ task t exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import time
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from PIL import Image
@@ -361,6 +363,20 @@ class ContinualTrainer(Trainer):
         if bad:
             self._raise_diverged(f"non-finite values in parameter(s) {bad[:8]}")
 
+    def train(self, *args: Any, **kwargs: Any):
+        """`Trainer.train` for the current task, with the objects that exist before it frozen for the
+        garbage collector (`gc.freeze`): every `train()` starts with accelerate's `free_memory()`,
+        whose full `gc.collect()` would otherwise walk every Python object of the process (about
+        0.3 s per task with transformers, datasets and matplotlib loaded; benchmarks/README.md §5).
+        Objects created during training are collected as usual; the frozen ones are unfrozen after."""
+        if gc.get_freeze_count():  # the caller manages frozen objects already: leave them alone
+            return super().train(*args, **kwargs)
+        gc.freeze()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            gc.unfreeze()
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # global_step restarts every task: tag every record with the task it belongs to.
         logs = {**logs, "task": self.current_task}
@@ -496,7 +512,7 @@ class ContinualTrainer(Trainer):
         return ranks
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
+    @torch.inference_mode()
     def evaluate_task(self, task_id: int) -> tuple[float, float]:
         """(class-IL accuracy, task-IL accuracy) in percent on task `task_id`'s test set."""
         model = self.model
@@ -521,6 +537,49 @@ class ContinualTrainer(Trainer):
         if total == 0:
             return math.nan, math.nan
         return 100.0 * correct_cil / total, 100.0 * correct_til / total
+
+    @torch.inference_mode()
+    def evaluate_seen_tasks(self, upto_task: int) -> list[tuple[float, float]]:
+        """(class-IL, task-IL) accuracy in percent of every task `0..upto_task`: one pass over their
+        concatenated test sets (one loader, full batches), the same numbers as `evaluate_task` per task.
+
+        A test row belongs to the task that owns its label (`ContinualSplits`), so the task-IL mask is
+        taken per row. With batch-wise prompt selection the prompts depend on the batch's other rows:
+        each task is then evaluated alone, as `evaluate_task` does.
+        """
+        num_tasks = upto_task + 1
+        if getattr(self.model.config, "batchwise_prompt", False):
+            return [self.evaluate_task(task_id) for task_id in range(num_tasks)]
+        model = self.model
+        was_training = model.training
+        model.eval()
+        correct_cil = torch.zeros(num_tasks, dtype=torch.long)
+        correct_til = torch.zeros(num_tasks, dtype=torch.long)
+        total = torch.zeros(num_tasks, dtype=torch.long)
+        class_task = model.class_task
+        seen_mask = class_task >= 0
+        dataset = datasets.concatenate_datasets(self.splits.test[:num_tasks])
+        for batch in self._eval_loader(dataset):
+            query = None
+            if self.eval_query_cache and self._uses_query and ROW_ID in batch:
+                query = self._cached_query("test", batch[ROW_ID], batch["pixel_values"])
+            logits = model(batch["pixel_values"], class_mask="all", query=query).logits
+            labels = batch["labels"].to(logits.device)
+            row_task = class_task.to(logits.device)[labels]  # (B,)
+            task_mask = class_task.to(logits.device).unsqueeze(0) == row_task.unsqueeze(1)  # (B, C)
+            cil = logits.masked_fill(~seen_mask.to(logits.device), float("-inf")).argmax(-1)
+            til = logits.masked_fill(~task_mask, float("-inf")).argmax(-1)
+            cil, til, labels = self.accelerator.gather_for_metrics((cil, til, labels))
+            cil, til, labels = cil.cpu(), til.cpu(), labels.cpu()
+            row_task = class_task.cpu()[labels]
+            correct_cil += torch.bincount(row_task[cil == labels], minlength=num_tasks)
+            correct_til += torch.bincount(row_task[til == labels], minlength=num_tasks)
+            total += torch.bincount(row_task, minlength=num_tasks)
+        model.train(was_training)
+        return [
+            (100.0 * int(c) / int(n), 100.0 * int(t) / int(n)) if n else (math.nan, math.nan)
+            for c, t, n in zip(correct_cil, correct_til, total)
+        ]
 
     # ------------------------------------------------------------------ checkpoints
     def save_task_checkpoint(self, task_id: int, result: ContinualResult) -> None:
@@ -639,7 +698,7 @@ class ContinualTrainer(Trainer):
             self._summarize(result)
 
             self.save_task_checkpoint(task_id, result)
-            self.write_results(result)
+            self.write_results(result, plots=task_id == num_tasks - 1 or self._plots_read_each_task)
             self.log_task_metrics(task_id, result)
             self._call_task_end(task_id, result)
         if start >= num_tasks:
@@ -664,8 +723,7 @@ class ContinualTrainer(Trainer):
 
     def _evaluate_seen_tasks(self, task_id: int, result: ContinualResult) -> None:
         """Row `task_id` of both accuracy matrices: every task seen so far."""
-        for evaluated in range(task_id + 1):
-            cil, til = self.evaluate_task(evaluated)
+        for evaluated, (cil, til) in enumerate(self.evaluate_seen_tasks(task_id)):
             result.accuracy.record(task_id, evaluated, cil)
             result.task_il_accuracy.record(task_id, evaluated, til)
 
@@ -748,12 +806,25 @@ class ContinualTrainer(Trainer):
         """What the model card needs to describe this run (see `cards.build_model_card`)."""
         return card_kwargs_from_results(self.results_payload(result))
 
-    def write_results(self, result: ContinualResult) -> None:
-        """results.json + accuracy-matrix heatmap + per-task curves in output_dir (main process only)."""
+    @property
+    def _plots_read_each_task(self) -> bool:
+        """Whether something reads the plots after every task: TensorBoard logs the heat map, and a
+        `ContinualCallback` may publish the run folder (the runner's per-task Hub push). Otherwise
+        `train_continual` renders them once, after the last task (results.json is written every task)."""
+        return any(
+            isinstance(callback, (ContinualCallback, TensorBoardCallback))
+            for callback in self.callback_handler.callbacks
+        )
+
+    def write_results(self, result: ContinualResult, plots: bool = True) -> None:
+        """results.json and (with `plots`) the accuracy-matrix heatmap and per-task curves in output_dir
+        (main process only)."""
         if not self.args.should_save:
             return
         out = Path(self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_results_json(out / "results.json", self.results_payload(result))
+        if not plots:
+            return
         plot_accuracy_matrix(result.accuracy.values, out / "accuracy_matrix.png")
         plot_accuracy_curves(result.accuracy.values, out / "accuracy_curves.png")

@@ -54,13 +54,13 @@ def main(out_dir: str) -> None:
         return out
 
     trainer.accelerator.gather_for_metrics = recording_gather
-    original_evaluate = trainer.evaluate_task
+    original_evaluate = trainer.evaluate_seen_tasks
 
-    def evaluate_task(task_id: int):
+    def evaluate_seen_tasks(upto_task: int):
         gathered.append([])
-        return original_evaluate(task_id)
+        return original_evaluate(upto_task)
 
-    trainer.evaluate_task = evaluate_task
+    trainer.evaluate_seen_tasks = evaluate_seen_tasks
 
     # Every rank streams its shard of the memory samples; the bases must equal what one process gets
     # from all of them. Record the shard sizes and compare with a local single-process rebuild.
