@@ -9,9 +9,9 @@ the first reuses the queries.
 
 Entries are keyed by a namespace (which split, under which transform) and the split's `row_id`, and
 stored as one (rows, D) tensor per namespace on the model's device; which rows are filled is tracked
-on the host, so a look-up never reads from the device. A query is computed for a whole batch exactly
-as the uncached forward computes it, so results are the same bit for bit as long as the backbone
-computes a row independently of the other rows of its batch (true for the batched matmuls and
+on the host, so a look-up never reads from the device. The queries a batch lacks are computed (as a
+sub-batch) exactly as the uncached forward computes them, so results are the same bit for bit as long
+as the backbone computes a row independently of the other rows of its batch (true for the batched matmuls and
 attention of a ViT on CPU; on GPUs, kernels chosen per batch shape can differ in the last bits).
 """
 
