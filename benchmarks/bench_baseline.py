@@ -6,7 +6,7 @@ for is a comparison with the code as it was when the issue was filed. This scrip
 code in rounds (a fresh random order per round), each in its own subprocess with `PYTHONPATH` pointing at
 that tree's `src`. Each process first runs one whole run as a warm-up and reports the second. The old
 code may have no phase timings, so the same calls are timed from outside in both trees: `train()`,
-`update_memory()` and the evaluation (`evaluate_task` / `evaluate_seen_tasks`), CPU time of the process.
+`update_memory()` and `evaluate_task()`, CPU time of the process.
 Accuracy matrices are not compared (older code may initialise differently).
 
     git worktree add --detach /tmp/pgp-old 2a8e190^
@@ -92,11 +92,10 @@ def _child(bench_dir: str, method: str) -> None:
 
                 return wrapper
 
-            evaluation = "evaluate_seen_tasks" if hasattr(trainer, "evaluate_seen_tasks") else "evaluate_task"
             for name, attribute in (
                 ("train", "train"),
                 ("memory", "update_memory"),
-                ("evaluation", evaluation),
+                ("evaluation", "evaluate_task"),
             ):
                 setattr(trainer, attribute, timed(name, getattr(trainer, attribute)))
             started = time.process_time()

@@ -76,14 +76,13 @@ def test_both_ranks_report_the_same_accuracy_over_every_test_sample(two_ranks):
     assert infos[0]["task_il_accuracy"] == infos[1]["task_il_accuracy"]
     values = infos[0]["accuracy"]["values"]
     assert values[1][0] is None and all(v is not None for v in (values[0][0], values[0][1], values[1][1]))
-    # Evaluations in order: task 0 after task 0; tasks 0 and 1 (one pass) after task 1. Each gathered
-    # every test sample exactly once (10 and 20 rows over 2 ranks in batches of 3: the padding must be
-    # dropped).
+    # Evaluations in order: task 0 after task 0; tasks 0 and 1 after task 1. Each gathered every test
+    # sample exactly once (10 rows over 2 ranks in batches of 3: the padding must be dropped).
     test_labels = infos[0]["test_labels"]
-    expected = [test_labels[0], test_labels[0] + test_labels[1]]
+    expected = [test_labels[0], test_labels[0], test_labels[1]]
     for info in infos:
         assert [sorted(g) for g in info["gathered_labels"]] == [sorted(e) for e in expected]
-        assert [len(g) for g in info["gathered_labels"]] == [10, 20]
+        assert [len(g) for g in info["gathered_labels"]] == [10, 10, 10]
 
 
 def test_lora_ranks_hold_identical_bases_parameters_and_accuracy(tmp_path):

@@ -268,40 +268,6 @@ def test_recipe_speed_defaults():
     }
 
 
-# ---------------------------------------------------------------------------------- evaluation
-def _untrained_trainer(method: str, tmp_path, num_tasks: int = 3, **options):
-    """A trainer over `num_tasks` registered tasks (random adapter, no training): evaluation only."""
-    splits = tiny_cl.make_splits(num_tasks=num_tasks)
-    model = tiny_cl.make_model(method, num_classes=2 * num_tasks, **options.pop("config", {}))
-    for task_id, classes in enumerate(splits.task_classes):
-        model.register_task_classes(task_id, classes)
-    transform = build_transform(tiny_cl.IMAGE_SIZE)
-    args = tiny_cl.training_args(str(tmp_path), per_device_eval_batch_size=7)  # batches span tasks
-    return ContinualTrainer(
-        model, args, splits=splits, train_transform=transform, eval_transform=transform, **options
-    )
-
-
-@pytest.mark.parametrize("method", ["l2p", "dualprompt"])
-@pytest.mark.parametrize("options", [OFF, {}], ids=["no_caches", "caches"])
-def test_one_pass_evaluation_gives_the_per_task_accuracies(method, options, tmp_path):
-    trainer = _untrained_trainer(method, tmp_path, **options)
-    per_task = [trainer.evaluate_task(task_id) for task_id in range(3)]
-    assert trainer.evaluate_seen_tasks(2) == per_task
-    assert trainer.evaluate_seen_tasks(0) == per_task[:1]
-    # a random adapter: class-IL over 6 classes and task-IL over 2 differ somewhere
-    assert any(cil != til for cil, til in per_task)
-
-
-def test_one_pass_evaluation_falls_back_to_per_task_with_batchwise_prompts(tmp_path, monkeypatch):
-    trainer = _untrained_trainer("l2p", tmp_path, config={"batchwise_prompt": True})
-    evaluated = []
-    original = trainer.evaluate_task
-    monkeypatch.setattr(trainer, "evaluate_task", lambda t: evaluated.append(t) or original(t))
-    trainer.evaluate_seen_tasks(1)
-    assert evaluated == [0, 1]  # the majority vote must only see one task's rows per batch
-
-
 # ---------------------------------------------------------------------------------- run bookkeeping
 class _Recorder(ContinualCallback):
     def __init__(self, output_dir: Path) -> None:

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import torch
 from PIL import Image
@@ -538,49 +537,6 @@ class ContinualTrainer(Trainer):
             return math.nan, math.nan
         return 100.0 * correct_cil / total, 100.0 * correct_til / total
 
-    @torch.inference_mode()
-    def evaluate_seen_tasks(self, upto_task: int) -> list[tuple[float, float]]:
-        """(class-IL, task-IL) accuracy in percent of every task `0..upto_task`: one pass over their
-        concatenated test sets (one loader, full batches), the same numbers as `evaluate_task` per task.
-
-        A test row belongs to the task that owns its label (`ContinualSplits`), so the task-IL mask is
-        taken per row. With batch-wise prompt selection the prompts depend on the batch's other rows:
-        each task is then evaluated alone, as `evaluate_task` does.
-        """
-        num_tasks = upto_task + 1
-        if getattr(self.model.config, "batchwise_prompt", False):
-            return [self.evaluate_task(task_id) for task_id in range(num_tasks)]
-        model = self.model
-        was_training = model.training
-        model.eval()
-        correct_cil = torch.zeros(num_tasks, dtype=torch.long)
-        correct_til = torch.zeros(num_tasks, dtype=torch.long)
-        total = torch.zeros(num_tasks, dtype=torch.long)
-        class_task = model.class_task
-        seen_mask = class_task >= 0
-        dataset = datasets.concatenate_datasets(self.splits.test[:num_tasks])
-        for batch in self._eval_loader(dataset):
-            query = None
-            if self.eval_query_cache and self._uses_query and ROW_ID in batch:
-                query = self._cached_query("test", batch[ROW_ID], batch["pixel_values"])
-            logits = model(batch["pixel_values"], class_mask="all", query=query).logits
-            labels = batch["labels"].to(logits.device)
-            row_task = class_task.to(logits.device)[labels]  # (B,)
-            task_mask = class_task.to(logits.device).unsqueeze(0) == row_task.unsqueeze(1)  # (B, C)
-            cil = logits.masked_fill(~seen_mask.to(logits.device), float("-inf")).argmax(-1)
-            til = logits.masked_fill(~task_mask, float("-inf")).argmax(-1)
-            cil, til, labels = self.accelerator.gather_for_metrics((cil, til, labels))
-            cil, til, labels = cil.cpu(), til.cpu(), labels.cpu()
-            row_task = class_task.cpu()[labels]
-            correct_cil += torch.bincount(row_task[cil == labels], minlength=num_tasks)
-            correct_til += torch.bincount(row_task[til == labels], minlength=num_tasks)
-            total += torch.bincount(row_task, minlength=num_tasks)
-        model.train(was_training)
-        return [
-            (100.0 * int(c) / int(n), 100.0 * int(t) / int(n)) if n else (math.nan, math.nan)
-            for c, t, n in zip(correct_cil, correct_til, total)
-        ]
-
     # ------------------------------------------------------------------ checkpoints
     def save_task_checkpoint(self, task_id: int, result: ContinualResult) -> None:
         """Atomically write `checkpoint-task-{t}` (see `checkpoints.py`; main process only)."""
@@ -723,7 +679,8 @@ class ContinualTrainer(Trainer):
 
     def _evaluate_seen_tasks(self, task_id: int, result: ContinualResult) -> None:
         """Row `task_id` of both accuracy matrices: every task seen so far."""
-        for evaluated, (cil, til) in enumerate(self.evaluate_seen_tasks(task_id)):
+        for evaluated in range(task_id + 1):
+            cil, til = self.evaluate_task(evaluated)
             result.accuracy.record(task_id, evaluated, cil)
             result.task_il_accuracy.record(task_id, evaluated, til)
 

@@ -54,13 +54,13 @@ def main(out_dir: str) -> None:
         return out
 
     trainer.accelerator.gather_for_metrics = recording_gather
-    original_evaluate = trainer.evaluate_seen_tasks
+    original_evaluate = trainer.evaluate_task
 
-    def evaluate_seen_tasks(upto_task: int):
+    def evaluate_task(task_id: int):
         gathered.append([])
-        return original_evaluate(upto_task)
+        return original_evaluate(task_id)
 
-    trainer.evaluate_seen_tasks = evaluate_seen_tasks
+    trainer.evaluate_task = evaluate_task
 
     # Every rank streams its shard of the memory samples; the bases must equal what one process gets
     # from all of them. Record the shard sizes and compare with a local single-process rebuild.
