@@ -9,9 +9,9 @@ the first reuses the queries.
 
 Entries are keyed by a namespace (which split, under which transform) and the split's `row_id`, and
 stored as one (rows, D) tensor per namespace on the model's device; which rows are filled is tracked
-on the host, so a look-up never reads from the device. The queries a batch lacks are computed (as a
-sub-batch) exactly as the uncached forward computes them, so results are the same bit for bit as long
-as the backbone computes a row independently of the other rows of its batch (true for the batched matmuls and
+on the host, so a look-up never reads from the device. A query is computed for a whole batch exactly
+as the uncached forward computes it, so results are the same bit for bit as long as the backbone
+computes a row independently of the other rows of its batch (true for the batched matmuls and
 attention of a ViT on CPU; on GPUs, kernels chosen per batch shape can differ in the last bits).
 """
 
@@ -92,26 +92,12 @@ class QueryCache:
         pixel_values: torch.Tensor,
         compute: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """(B, D) queries of `row_ids`: stored rows from the cache, the others by `compute` on their
-        pixels only (then stored). A batch that mixes stored and new rows (an evaluation batch spanning
-        two tasks' test sets) computes just the new ones."""
+        """The stored queries of `row_ids`, or `compute(pixel_values)` (B, D) for the whole batch, stored."""
         stored = self.lookup(namespace, row_ids)
         if stored is not None:
             self.hits += len(row_ids)
             return stored.to(pixel_values.device)
-        filled = self._filled.get(namespace)
-        is_new = [filled is None or row >= filled.size or not filled[row] for row in row_ids]
-        new = [k for k, flag in enumerate(is_new) if flag]
-        self.hits += len(row_ids) - len(new)
-        self.misses += len(new)
-        if len(new) == len(row_ids):
-            queries = compute(pixel_values)
-            self.store(namespace, row_ids, queries)
-            return queries
-        old = [k for k, flag in enumerate(is_new) if not flag]
-        computed = compute(pixel_values[new])
-        self.store(namespace, [row_ids[k] for k in new], computed)
-        queries = computed.new_empty(len(row_ids), *computed.shape[1:])
-        queries[new] = computed
-        queries[old] = self.lookup(namespace, [row_ids[k] for k in old]).to(computed.device, computed.dtype)
+        queries = compute(pixel_values)
+        self.misses += len(row_ids)
+        self.store(namespace, row_ids, queries)
         return queries
