@@ -697,6 +697,7 @@ def section_run() -> str:
             f"{targets['total']}: {met(after_cpu['total']['median'], targets['total'])}."
         )
         out.append("")
+    out += baseline_comparison(runs["targets"])
     step = data["step"]
     rows = []
     for method in ("l2p", "dualprompt"):
@@ -769,6 +770,49 @@ def section_run() -> str:
             + ("equal." if whole["accuracy_matrix_equal"] else "different.")
         )
     return "\n".join(out)
+
+
+def baseline_comparison(targets: dict[str, float]) -> list[str]:
+    """Lines for results/run_baseline.json (`bench_baseline.py`: current defaults vs an older checkout)."""
+    data = load("run_baseline.json")
+    if data is None:
+        return []
+    rows = []
+    for method, phases in data["summary"].items():
+        rows.append(
+            [METHOD_NAMES[method]]
+            + [
+                f"{phases[p]['old_median_seconds']:.1f} → {phases[p]['current_median_seconds']:.1f}: "
+                f"{phases[p]['ratio']['median']:.2f} ({phases[p]['ratio']['min']:.2f}–{phases[p]['ratio']['max']:.2f})"
+                for p in ("train", "memory", "evaluation", "other", "total")
+            ]
+            + [
+                f"evaluation {met(phases['evaluation']['ratio']['median'], targets['evaluation'])}, "
+                f"total {met(phases['total']['ratio']['median'], targets['total'])}"
+            ]
+        )
+    commits = data["commits"]
+    return [
+        f"**Against the code before the speed work** (`bench_baseline.py`: commit {commits['old'][:7]}, the "
+        f"parent of the first speed commit, vs the current code {commits['current'][:7]} with its defaults; "
+        f"same protocol, {data['rounds']} interleaved rounds, one process per run after a warm-up run, phases "
+        "timed from outside in both; CPU seconds old → current, medians, and the median per-round ratio "
+        "(min–max))",
+        "",
+        table(
+            [
+                "method",
+                "train",
+                "memory",
+                "evaluation",
+                "other",
+                "total",
+                "targets (eval ≤ 0.6, total ≤ 0.75)",
+            ],
+            rows,
+        ),
+        "",
+    ]
 
 
 def section_lora() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import pickle
 import sys
 from pathlib import Path
@@ -14,9 +15,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 
 import tiny_cl  # noqa: E402
+from tiny_assets import tiny_png  # noqa: E402
 
 from pgp_peft import data as data_module  # noqa: E402
+from pgp_peft import trainer as pgp_trainer  # noqa: E402
 from pgp_peft.arguments import ContinualTrainingArguments  # noqa: E402
+from pgp_peft.callbacks import ContinualCallback  # noqa: E402
 from pgp_peft.data import (  # noqa: E402
     DecodedImageCache,
     RowIdTransform,
@@ -263,3 +267,37 @@ def test_recipe_speed_defaults(tmp_path):
         "decode_cache": True,
         "compile_backbone": False,
     }
+
+
+# ---------------------------------------------------------------------------------- run bookkeeping
+class _Recorder(ContinualCallback):
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self.freeze_counts: list[int] = []
+        self.plots: list[bool] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.freeze_counts.append(gc.get_freeze_count())
+
+    def on_task_end(self, args, state, control, *, trainer, task_id, result, **kwargs):
+        self.plots.append((self.output_dir / "accuracy_matrix.png").is_file())
+
+
+def test_training_freezes_older_objects_for_the_gc_and_plots_render_once(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(
+        pgp_trainer, "plot_accuracy_matrix", lambda m, p: drawn.append(len(m)) or tiny_png(m, p)
+    )
+    monkeypatch.setattr(pgp_trainer, "plot_accuracy_curves", tiny_png)
+    splits = tiny_cl.make_splits(num_tasks=2)
+    alone = tiny_cl.make_trainer(tiny_cl.make_model("l2p", num_classes=4), splits, str(tmp_path / "a"))
+    alone.train_continual()
+    assert drawn == [2]  # nothing reads them per task: drawn once, after the last task
+    assert gc.get_freeze_count() == 0  # unfrozen after every task
+    recorder = _Recorder(tmp_path / "b")
+    watched = tiny_cl.make_trainer(
+        tiny_cl.make_model("l2p", num_classes=4), splits, str(tmp_path / "b"), callbacks=[recorder]
+    )
+    watched.train_continual()
+    assert recorder.plots == [True, True] and drawn == [2, 2, 2]  # a task-end callback may publish them
+    assert len(recorder.freeze_counts) == 2 and min(recorder.freeze_counts) > 0 and gc.get_freeze_count() == 0

@@ -15,6 +15,7 @@ task t exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import time
@@ -341,6 +342,20 @@ class ContinualTrainer(Trainer):
         if bad:
             self._raise_diverged(f"non-finite values in parameter(s) {bad[:8]}")
 
+    def train(self, *args: Any, **kwargs: Any):
+        """`Trainer.train` for the current task, with the objects that exist before it frozen for the
+        garbage collector (`gc.freeze`): every `train()` starts with accelerate's `free_memory()`,
+        whose full `gc.collect()` would otherwise walk every Python object of the process (about
+        0.3 s per task with transformers, datasets and matplotlib loaded; benchmarks/README.md §5).
+        Objects created during training are collected as usual; the frozen ones are unfrozen after."""
+        if gc.get_freeze_count():  # the caller manages frozen objects already: leave them alone
+            return super().train(*args, **kwargs)
+        gc.freeze()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            gc.unfreeze()
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # global_step restarts every task: tag every record with the task it belongs to.
         logs = {**logs, "task": self.current_task}
@@ -476,7 +491,7 @@ class ContinualTrainer(Trainer):
         return ranks
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
+    @torch.inference_mode()
     def evaluate_task(self, task_id: int) -> tuple[float, float]:
         """(class-IL accuracy, task-IL accuracy) in percent on task `task_id`'s test set."""
         model = self.model
@@ -624,7 +639,7 @@ class ContinualTrainer(Trainer):
             self._summarize(result)
 
             self.save_task_checkpoint(task_id, result)
-            self.write_results(result)
+            self.write_results(result, plots=task_id == num_tasks - 1 or self._plots_read_each_task)
             self.log_task_metrics(task_id, result)
             self._call_task_end(task_id, result)
         if start >= num_tasks:
@@ -733,12 +748,25 @@ class ContinualTrainer(Trainer):
         """What the model card needs to describe this run (see `cards.build_model_card`)."""
         return card_kwargs_from_results(self.results_payload(result))
 
-    def write_results(self, result: ContinualResult) -> None:
-        """results.json + accuracy-matrix heatmap + per-task curves in output_dir (main process only)."""
+    @property
+    def _plots_read_each_task(self) -> bool:
+        """Whether something reads the plots after every task: TensorBoard logs the heat map, and a
+        `ContinualCallback` may publish the run folder (the runner's per-task Hub push). Otherwise
+        `train_continual` renders them once, after the last task (results.json is written every task)."""
+        return any(
+            isinstance(callback, (ContinualCallback, TensorBoardCallback))
+            for callback in self.callback_handler.callbacks
+        )
+
+    def write_results(self, result: ContinualResult, plots: bool = True) -> None:
+        """results.json and (with `plots`) the accuracy-matrix heatmap and per-task curves in output_dir
+        (main process only)."""
         if not self.args.should_save:
             return
         out = Path(self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_results_json(out / "results.json", self.results_payload(result))
+        if not plots:
+            return
         plot_accuracy_matrix(result.accuracy.values, out / "accuracy_matrix.png")
         plot_accuracy_curves(result.accuracy.values, out / "accuracy_curves.png")
