@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_assets import TINY_VIT  # the one definition of the tiny test ViT
+from tiny_assets import TINY_VIT, TinyAssets, build_assets, tiny_png  # TINY_VIT: the one tiny test ViT
 from transformers import ViTConfig, ViTModel
 
 # Tiny models are dominated by per-op overhead: one intra-op thread is several times faster than two
@@ -56,3 +56,18 @@ def restore_logging():
     yield
     root.setLevel(level)
     root.handlers[:] = handlers
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> TinyAssets:
+    """The tiny ViT, tiny CLIP and 20-class imagefolder (written once per session, tiny_assets.py)."""
+    return build_assets(tmp_path_factory)
+
+
+@pytest.fixture
+def fast_plots(monkeypatch):
+    """The trainer's PNG plots, replaced by a 2x2 PNG (real plots: the CLI demo test)."""
+    import pgp_peft.trainer
+
+    monkeypatch.setattr(pgp_peft.trainer, "plot_accuracy_matrix", tiny_png)
+    monkeypatch.setattr(pgp_peft.trainer, "plot_accuracy_curves", tiny_png)

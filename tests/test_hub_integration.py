@@ -27,7 +27,6 @@ from tiny_assets import (
     CLASS_NAMES,
     IMAGE_SIZE,
     TinyAssets,
-    build_assets,
     class_image,
     file_digests,
     load_tiny_vit,
@@ -56,11 +55,6 @@ class TrainedRun:
 def _single_thread():
     with torch_threads(1):
         yield
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> TinyAssets:
-    return build_assets(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from tiny_assets import CLASS_NAMES, IMAGE_SIZE, build_assets, class_image, tiny_png, torch_threads
+from tiny_assets import CLASS_NAMES, IMAGE_SIZE, class_image, torch_threads
 
 from pgp_peft import PGPModel
 from pgp_peft.arguments import ContinualTrainingArguments
@@ -93,20 +93,6 @@ OVERRIDDEN = {
 def _single_thread():
     with torch_threads(1):
         yield
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_assets(tmp_path_factory)
-
-
-@pytest.fixture
-def fast_plots(monkeypatch):
-    """The trainer's per-task PNG plots, replaced by a 2x2 PNG (real plots: the CLI demo test)."""
-    import pgp_peft.trainer
-
-    monkeypatch.setattr(pgp_peft.trainer, "plot_accuracy_matrix", tiny_png)
-    monkeypatch.setattr(pgp_peft.trainer, "plot_accuracy_curves", tiny_png)
 
 
 def raw_yaml(name: str) -> dict[str, Any]:

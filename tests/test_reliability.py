@@ -29,7 +29,7 @@ import torch
 from hub_server import local_hub_server as local_hub_server  # noqa: F401  (registers the fixture)
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tiny_assets import build_assets, save_tiny_vit, tiny_png, torch_threads
+from tiny_assets import save_tiny_vit, torch_threads
 
 from pgp_peft import PGPModel
 from pgp_peft.config import PromptGradientProjectionConfig as Config
@@ -55,19 +55,6 @@ import tiny_cl  # noqa: E402
 def _single_thread():
     with torch_threads(1):
         yield
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_assets(tmp_path_factory)
-
-
-@pytest.fixture
-def fast_plots(monkeypatch):
-    import pgp_peft.trainer
-
-    monkeypatch.setattr(pgp_peft.trainer, "plot_accuracy_matrix", tiny_png)
-    monkeypatch.setattr(pgp_peft.trainer, "plot_accuracy_curves", tiny_png)
 
 
 def save_adapter(folder: Path, vit_dir: Path) -> Path:

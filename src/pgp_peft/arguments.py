@@ -322,15 +322,16 @@ def training_recipe_defaults() -> dict[str, Any]:
     return {**defaults, "base_lr": DEFAULT_BASE_LR}  # a recipe states base_lr (null: learning_rate instead)
 
 
+def field_default(item: dataclasses.Field) -> Any:
+    """A dataclass field's default (a fresh one from its factory); None when it has none."""
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return None if item.default is dataclasses.MISSING else item.default
+
+
 def dataclass_defaults(cls: type) -> dict[str, Any]:
     """`{field: default}` of a dataclass whose fields all have defaults."""
-    out = {}
-    for item in dataclasses.fields(cls):
-        if item.default_factory is not dataclasses.MISSING:
-            out[item.name] = item.default_factory()
-        else:
-            out[item.name] = item.default
-    return out
+    return {item.name: field_default(item) for item in dataclasses.fields(cls)}
 
 
 def init_fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -399,7 +400,7 @@ def parse_value(cls: type, name: str, value: Any, where: str) -> Any:
     whose type is a union of several types (e.g. `report_to`) is left to the dataclass to check."""
     tp = _resolved_type(cls, name)
     if value is None:
-        if type(None) in typing.get_args(tp) or _default(cls, name) is None:
+        if type(None) in typing.get_args(tp) or field_default(init_fields(cls)[name]) is None:
             return None
         raise ValueError(f"{where}: expected {_expected(tp)}, got null")
     options = _non_none(tp)
@@ -422,13 +423,6 @@ def parse_value(cls: type, name: str, value: Any, where: str) -> Any:
         raise ValueError(f"{where}: expected {_expected(tp)}, got {value!r}")
     parsed = getattr(namespace, name)
     return parsed.value if isinstance(parsed, Enum) else parsed
-
-
-def _default(cls: type, name: str) -> Any:
-    item = init_fields(cls)[name]
-    if item.default_factory is not dataclasses.MISSING:
-        return item.default_factory()
-    return None if item.default is dataclasses.MISSING else item.default
 
 
 def is_list_field(cls: type, name: str) -> bool:

@@ -33,6 +33,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from . import __version__
+from .arguments import field_default
 from .fileio import STAGING_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -351,13 +352,8 @@ def training_arguments_fingerprint(args: TrainingArguments) -> dict[str, Any]:
             or name.startswith(_IGNORED_ARGUMENT_PREFIXES)
         ):
             continue
-        item = defaults[name]
-        if item.default_factory is not dataclasses.MISSING:
-            default = item.default_factory()
-        else:
-            default = None if item.default is dataclasses.MISSING else item.default
         value = _json_value(getattr(args, name, None))
-        if value != _json_value(default):
+        if value != _json_value(field_default(defaults[name])):
             out[name] = value
     return out
 
